@@ -1,0 +1,334 @@
+"""Hugging Face checkpoints in and out: config.json <-> ModelConfig, safetensors <-> parameters.
+
+Loading streams: each parameter is built with `jax.make_array_from_callback`, whose callback reads
+only the slice a device needs straight from the memory-mapped safetensors files, so the model is
+never held twice in host memory and a sharded model never exists whole on one host.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxtune import sharding
+from jaxtune.errors import JaxtuneError
+from jaxtune.models.llama import Llama, ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
+
+# Our parameter path -> (HF name with {i} for the layer, transpose?). Torch Linear is [out, in].
+_LAYER = "model.layers.{i}."
+PARAM_MAP = {
+    ("embed",): ("model.embed_tokens.weight", False),
+    ("final_norm",): ("model.norm.weight", False),
+    ("lm_head",): ("lm_head.weight", True),
+    ("layers", "attn_norm"): (_LAYER + "input_layernorm.weight", False),
+    ("layers", "mlp_norm"): (_LAYER + "post_attention_layernorm.weight", False),
+}
+for _name, _module in [("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"),
+                       ("o_proj", "self_attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp")]:
+    PARAM_MAP[("layers", _name, "kernel")] = (f"{_LAYER}{_module}.{_name}.weight", True)
+    PARAM_MAP[("layers", _name, "bias")] = (f"{_LAYER}{_module}.{_name}.bias", False)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise JaxtuneError(
+            f"{config_path}: not found. Point model.path at a Hugging Face model directory "
+            "(config.json + *.safetensors), e.g. one made by `jaxtune assets smollm2`."
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise JaxtuneError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def config_from_hf(hf: dict, *, dtype="float32", param_dtype="float32", remat="none", source="config.json") -> ModelConfig:
+    """ModelConfig from a config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise JaxtuneError(
+            f"{source}: model_type {model_type!r} is not supported; jaxtune trains Llama-family models "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})."
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise JaxtuneError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise JaxtuneError(f"{source}: missing keys {missing}")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise JaxtuneError(f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3)")
+    heads = hf["num_attention_heads"]
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_type=rope_type,
+        rope_factor=rope.get("factor", 1.0),
+        rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+        rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+        rope_original_max_positions=rope.get("original_max_position_embeddings", 8192),
+        sliding_window=window,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+    )
+
+
+class SafetensorsIndex:
+    """Every tensor of a model directory by name, read lazily from single or sharded files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index_file = path / "model.safetensors.index.json"
+        if index_file.is_file():
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise JaxtuneError(f"{path}: no *.safetensors files. Convert the checkpoint to safetensors first.")
+        self.handles, self.where = {}, {}
+        for name in files:
+            file = path / name
+            if not file.is_file():
+                raise JaxtuneError(f"{index_file}: lists {name}, which is missing. Re-download the checkpoint.")
+            expected_end = _declared_data_end(file)
+            if file.stat().st_size < expected_end:
+                raise JaxtuneError(
+                    f"{file}: truncated ({file.stat().st_size} bytes, header needs {expected_end}). "
+                    "The download or copy was cut short; fetch the file again."
+                )
+            try:
+                handle = safe_open(str(file), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise JaxtuneError(f"{file}: not a readable safetensors file ({e}). Fetch it again.") from None
+            self.handles[name] = handle
+            for key in handle.keys():
+                self.where[key] = name
+
+    def __contains__(self, key):
+        return key in self.where
+
+    def shape(self, key) -> tuple:
+        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+
+    def read(self, key, index=()) -> np.ndarray:
+        return self.handles[self.where[key]].get_slice(key)[index]
+
+
+def _declared_data_end(file: Path) -> int:
+    """Byte size a safetensors file must have according to its own header."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return 8
+        header_len = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return 8 + header_len
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + header_len + max(ends, default=0)
+
+
+def _hf_shape(cfg: ModelConfig, path: tuple, ours: tuple) -> tuple:
+    """The HF tensor shape one layer of our parameter corresponds to."""
+    per_layer = ours[1:] if path[0] == "layers" else ours
+    return tuple(reversed(per_layer)) if PARAM_MAP[path][1] else per_layer
+
+
+def _reader(tensors: SafetensorsIndex, path: tuple, shape: tuple, dtype):
+    """Callback for make_array_from_callback: reads one device's slice of one of our parameters."""
+    name, transpose = PARAM_MAP[path]
+    stacked = path[0] == "layers"
+
+    def read_one(key, idx):
+        if transpose:  # our [in, out] slice == their [out, in] slice, transposed
+            return tensors.read(key, tuple(reversed(idx))).T
+        return tensors.read(key, idx)
+
+    def callback(index):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if not stacked:
+            block = read_one(name, index[:])
+        else:
+            layers = range(*index[0].indices(shape[0]))
+            block = np.stack([read_one(name.format(i=i), index[1:]) for i in layers])
+        return np.ascontiguousarray(block).astype(dtype)
+
+    return callback
+
+
+def load_params(abstract: Llama, path: Path, mesh: Mesh | None) -> Llama:
+    """Fill an abstract (eval_shape) model with the checkpoint's tensors, on their shardings."""
+    cfg: ModelConfig = abstract.cfg
+    tensors = SafetensorsIndex(path)
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for var_path, var in nnx.to_flat_state(state):
+        if var_path not in PARAM_MAP:
+            raise JaxtuneError(f"internal: no HF name for parameter {'/'.join(var_path)}")
+        name = PARAM_MAP[var_path][0]
+        keys = [name.format(i=i) for i in range(cfg.num_layers)] if var_path[0] == "layers" else [name]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            hint = " (config says tie_word_embeddings=false)" if var_path == ("lm_head",) else ""
+            raise JaxtuneError(f"{path}: tensor {missing[0]} is missing from the safetensors files{hint}")
+        want = _hf_shape(cfg, var_path, var.shape)
+        for key in keys:
+            if tensors.shape(key) != want:
+                raise JaxtuneError(
+                    f"{path}: tensor {key} has shape {list(tensors.shape(key))}, config.json implies "
+                    f"{list(want)}. The weights do not belong to this config.json."
+                )
+        target = (sharding.named_sharding(var.axes, var.shape, mesh) if mesh is not None
+                  else SingleDeviceSharding(jax.devices()[0]))
+        array = jax.make_array_from_callback(var.shape, target, _reader(tensors, var_path, var.shape, var.dtype))
+        flat.append((var_path, var.replace(value=array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None, remat="none",
+                    mesh: Mesh | None = None) -> Llama:
+    """Load an HF Llama/Mistral directory as a jaxtune model, sharded onto `mesh` if given.
+
+    `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the storage dtype.
+    """
+    path = resolve_model_path(path)
+    hf = read_hf_config(path)
+    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+                         source=str(path / "config.json"))
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    model = load_params(abstract, path, mesh)
+    model.source_path = str(path)
+    return model
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id through huggingface_hub (online only)."""
+    local = Path(path).expanduser()
+    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        if not local.is_dir():
+            raise JaxtuneError(f"{local}: no such model directory")
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    except Exception as e:  # offline, gated, or missing repo
+        raise JaxtuneError(f"{path}: not a local directory and the hub could not provide it ({e})") from None
+
+
+def hf_tensors(model: Llama):
+    """Yield (HF name, numpy array) for every parameter, one layer at a time (torch layout)."""
+    cfg = model.cfg
+    for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if var_path not in PARAM_MAP:
+            continue  # not part of the HF base model (e.g. LoRA factors)
+        name, transpose = PARAM_MAP[var_path]
+        if var_path[0] == "layers":
+            for i in range(cfg.num_layers):
+                array = np.asarray(jax.device_get(var[...][i]))
+                yield name.format(i=i), (array.T if transpose else array)
+        else:
+            array = np.asarray(jax.device_get(var[...]))
+            yield name, (array.T if transpose else array)
+
+
+def hf_config_dict(model: Llama) -> dict:
+    """config.json for `model`: the source checkpoint's, updated to this model's dtype."""
+    cfg = model.cfg
+    source = getattr(model, "source_path", None)
+    hf = read_hf_config(source) if source and (Path(source) / "config.json").is_file() else {
+        "architectures": ["MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"],
+        "model_type": "mistral" if cfg.sliding_window else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias, "hidden_act": "silu", "sliding_window": cfg.sliding_window,
+    }
+    hf.pop("quantization_config", None)
+    hf["torch_dtype"] = hf["dtype"] = cfg.param_dtype
+    return hf
+
+
+def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,
+                    tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write an HF model directory that transformers loads with no missing or unexpected keys.
+
+    Written to a temporary sibling and renamed, so an interrupted save never leaves half a model.
+    Tokenizer and chat-template files are copied from `tokenizer_from` (default: the source dir).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shards, current, size = [], {}, 0
+        for name, array in hf_tensors(model):
+            if current and size + array.nbytes > shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = np.ascontiguousarray(array)
+            size += array.nbytes
+            if size >= shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+        if current:
+            shards.append(current)
+        weight_map = {}
+        for n, tensors in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, fname))
+        if len(shards) > 1:
+            total = sum(a.nbytes for s in shards for a in s.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf = hf_config_dict(model)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        source = Path(tokenizer_from or getattr(model, "source_path", "") or tmp)
+        for fname in TOKENIZER_FILES + ("generation_config.json",):
+            if (source / fname).is_file():
+                shutil.copy2(source / fname, tmp / fname)
+        if not (tmp / "generation_config.json").exists():
+            gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,103 @@
+"""Device mesh and the mapping from logical axis names (in the model) to mesh axes (here only).
+
+The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
+sharded, ZeRO-3 style) and `tensor` (Megatron-style splits of heads and MLP columns).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.errors import JaxtuneError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes, tried in order. A mesh axis that does not divide the dimension (e.g.
+# 3 KV heads over tensor=2) is dropped for that tensor, which then stays replicated on that axis.
+DEFAULT_RULES = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "layers": (),
+    "norm": (),
+}
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("jaxtune_mesh", default=None)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 meaning "all remaining devices"."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise JaxtuneError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise JaxtuneError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise JaxtuneError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are visible; set one of mesh.data/fsdp/tensor to -1 to use the rest"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def spec(axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
+    """PartitionSpec for a tensor with logical `axes`, skipping mesh axes that do not divide it."""
+    rules = DEFAULT_RULES if rules is None else rules
+    used, out = set(), []
+    for name, dim in zip(axes, shape):
+        picked = []
+        for mesh_axis in rules.get(name, ()) if name else ():
+            size = mesh.shape[mesh_axis]
+            if mesh_axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in picked) * size):
+                continue
+            picked.append(mesh_axis)
+            used.add(mesh_axis)
+        out.append(tuple(picked) if len(picked) > 1 else (picked[0] if picked else None))
+    return PartitionSpec(*out)
+
+
+def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, spec(axes, shape, mesh, rules))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+    """NamedShardings for every Variable of an (abstract or concrete) NNX state, from its `axes`."""
+
+    def one(var):
+        axes = getattr(var, "axes", None) or (None,) * len(var.shape)
+        return named_sharding(axes, var.shape, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules=None):
+    """Within this block, `constrain` pins activations to the mesh by their logical names."""
+    token = _ACTIVE.set(None if mesh is None else (mesh, DEFAULT_RULES if rules is None else rules))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))

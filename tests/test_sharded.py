@@ -1,0 +1,53 @@
+"""Loading onto a (data, fsdp, tensor) mesh of 8 forced CPU devices: really sharded, same logits."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import make_hf_model, rel_err
+from jaxtune import JaxtuneError, from_pretrained, sharding
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced CPU) devices")
+
+
+def test_mesh_2x2x2_shards_parameters_and_matches_one_device(tmp_path):
+    path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    model = from_pretrained(path, mesh=mesh)
+    q = model.layers.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 32, 32)  # [layers, 64/2, 64/2]
+    assert model.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert model.layers.down_proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
+    for var in jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        assert len(var[...].sharding.device_set) == 8
+
+    tokens = np.random.RandomState(0).randint(0, 256, (4, 32))
+    single = np.asarray(from_pretrained(path)(tokens))
+
+    @nnx.jit
+    def forward(m, t):
+        with sharding.use_mesh(mesh):
+            return m(t)
+
+    batch = jax.device_put(tokens, sharding.named_sharding(("batch", "length"), tokens.shape, mesh))
+    logits = forward(model, batch)
+    assert logits.sharding.spec[0] == ("data", "fsdp")
+    assert rel_err(logits, single) < 1e-5
+
+
+def test_mesh_sizes_and_errors():
+    assert dict(sharding.make_mesh(data=1, fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(JaxtuneError, match="needs 12 devices, but 8 are visible"):
+        sharding.make_mesh(data=3, fsdp=2, tensor=2)
+    with pytest.raises(JaxtuneError, match="at most one"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+
+
+def test_indivisible_dims_stay_replicated():
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    # 3 KV heads x 64 = 192 is divisible by 4, 6 is not; 9 (the vocab here) divides by neither
+    assert sharding.spec(("embed", "kv_heads"), (64, 6), mesh) == P("fsdp", None)
+    assert sharding.spec(("vocab", "embed"), (9, 64), mesh) == P(None, "fsdp")
