@@ -124,16 +124,23 @@ def chitchat_conversations(source: Path | None = None) -> list[dict]:
     return records
 
 
+CHITCHAT_VAL_FRACTION = 0.05
+
+
 def chitchat() -> Path:
-    """chitchat conversations as a JSONL file of {"id", "messages"} chat records."""
-    target = cache_dir() / "chitchat"
+    """Directory with chitchat as JSONL chat records {"id", "messages"}: train.jsonl and a held-out
+    val.jsonl (5% of conversations, picked by a fixed seed)."""
 
     def build(out: Path):
-        with open(out / "conversations.jsonl", "w") as f:
-            for record in chitchat_conversations():
-                f.write(json.dumps(record) + "\n")
+        import numpy as np
 
-    return _atomic_dir(target, build) / "conversations.jsonl"
+        records = chitchat_conversations()
+        val = set(np.random.default_rng(0).permutation(len(records))[: round(len(records) * CHITCHAT_VAL_FRACTION)])
+        with open(out / "train.jsonl", "w") as train_f, open(out / "val.jsonl", "w") as val_f:
+            for n, record in enumerate(records):
+                (val_f if n in val else train_f).write(json.dumps(record) + "\n")
+
+    return _atomic_dir(cache_dir() / "chitchat", build)
 
 
 ASSETS = {"smollm2": smollm2, "chitchat": chitchat}

@@ -1,0 +1,210 @@
+"""Records from files / the hub / TFDS -> tokenized (cached on disk) -> packed rows -> global batches.
+
+The tokenization cache is keyed by the content of the data files, the tokenizer files and the format
+options, so the second run starts at once and any change to one of them re-tokenizes. Batches are
+shuffled deterministically per (seed, epoch); the iterator state (epoch, position) is two ints that
+checkpoints save. Each process reads only its slice of every global batch and the slices become one
+global array with `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxtune.data import packing
+from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
+from jaxtune.errors import JaxtuneError
+
+CACHE_VERSION = 1
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """JSONL with file:line errors (the common case; faster and clearer than `datasets` for it)."""
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                records.append(json.loads(raw))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise JaxtuneError(f"{path}:{lineno}: not valid JSON ({e}): {raw[:200]!r}") from None
+    return records
+
+
+def load_records(source: str) -> list[dict]:
+    """Local .jsonl/.json/.csv/.parquet, `tfds:NAME[:split]`, or a hub dataset name (online)."""
+    if source.startswith("tfds:"):
+        return _tfds_records(source[5:])
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl" and path.is_file():
+        return read_jsonl(path)
+    import datasets
+
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise JaxtuneError(f"{path}: no such data file")
+        return list(datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train"))
+    name, _, split = source.partition(":")
+    try:
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as e:  # offline or unknown name
+        raise JaxtuneError(f"{source}: not a local data file ({', '.join(LOCAL_SUFFIXES)}) and not loadable "
+                           f"from the hub ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _tfds_records(spec: str) -> list[dict]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise JaxtuneError("tfds: sources need the optional extra: pip install 'jaxtune[tfds]'") from None
+    name, _, split = spec.partition(":")
+    data_dir = os.environ.get("TFDS_DATA_DIR")
+    ds = tfds.load(name, split=split or "train", data_dir=data_dir)
+
+    def plain(value):
+        value = value.decode() if isinstance(value, bytes) else value
+        return value.tolist() if isinstance(value, np.ndarray) else value
+
+    return [{k: plain(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+
+
+def _fingerprint(sources: list[str], tokenizer_dir: str | None, opts: FormatOptions) -> str:
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, dataclasses.asdict(opts)]).encode())
+    for src in sources:
+        path = Path(src).expanduser()
+        if path.is_file():
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        else:
+            h.update(src.encode())  # hub / tfds names: keyed by name
+    for fname in sorted(Path(tokenizer_dir).glob("*")) if tokenizer_dir else []:
+        if fname.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")):
+            h.update(fname.name.encode() + fname.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _tokenize_chunk(args):
+    tokenizer_dir, opts, records, source = args
+    return Formatter(_load_tokenizer(tokenizer_dir), opts).tokenize(records, source)
+
+
+def _load_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _concat(parts: list[Tokenized]) -> Tokenized:
+    offsets = [np.zeros(1, np.int64)]
+    total = 0
+    for p in parts:
+        offsets.append(p.offsets[1:] + total)
+        total += p.offsets[-1]
+    return Tokenized(np.concatenate([p.ids for p in parts]), np.concatenate([p.weights for p in parts]),
+                     np.concatenate(offsets), *(sum(getattr(p, f) for p in parts)
+                                                for f in ("turn_ends_unlabelled", "truncated", "dropped", "split")))
+
+
+def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, cache_dir: Path | None = None,
+                     workers: int | None = None) -> Tokenized:
+    """Tokenize every record of `sources`, in parallel, through an on-disk cache."""
+    from jaxtune.assets import cache_dir as default_cache
+
+    cache = Path(cache_dir or default_cache() / "tokenized") / f"{_fingerprint(sources, tokenizer_dir, opts)}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        return Tokenized(z["ids"], z["weights"], z["offsets"], *(int(z[f]) for f in
+                                                                 ("turn_ends_unlabelled", "truncated", "dropped", "split")))
+    jobs = []
+    for src in sources:
+        records = load_records(src)
+        step = max(1, -(-len(records) // (4 * (workers or os.cpu_count() or 1))))
+        jobs += [(tokenizer_dir, opts, records[i:i + step], src) for i in range(0, len(records), step)]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_tokenize_chunk, jobs))
+    else:
+        parts = [_tokenize_chunk(j) for j in jobs]
+    data = _concat(parts) if parts else Tokenized(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(1, np.int64))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, ids=data.ids, weights=data.weights, offsets=data.offsets,
+             **{f: getattr(data, f) for f in ("turn_ends_unlabelled", "truncated", "dropped", "split")})
+    os.replace(tmp, cache)
+    return data
+
+
+def split_validation(data: Tokenized, fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
+    """Hold out a deterministic `fraction` of samples (at least one) for validation."""
+    n = len(data)
+    n_val = max(1, int(round(n * fraction))) if fraction > 0 else 0
+    if n_val >= n:
+        raise JaxtuneError(f"data.val_fraction={fraction} leaves no training samples out of {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return _subset(data, np.sort(order[n_val:])), _subset(data, np.sort(order[:n_val]))
+
+
+def _subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
+    parts = [data.sample(i) for i in idx]
+    lengths = np.array([len(p[0]) for p in parts], np.int64)
+    return Tokenized(np.concatenate([p[0] for p in parts]) if parts else data.ids[:0],
+                     np.concatenate([p[1] for p in parts]) if parts else data.weights[:0],
+                     np.concatenate([[0], np.cumsum(lengths)]))
+
+
+class Batches:
+    """Deterministic, resumable iterator of global batches over packed rows.
+
+    Epoch e visits the rows in `permutation(seed, e)`; `state` = {"epoch", "position"} is all a
+    checkpoint needs to continue exactly. An incomplete final batch of an epoch is dropped (static
+    shapes); `len(rows) < global_batch` is an error.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, *, seed: int = 0, shuffle: bool = True,
+                 sharding=None):
+        self.rows, self.global_batch, self.seed, self.shuffle, self.sharding = rows, global_batch, seed, shuffle, sharding
+        self.n_rows = len(rows["tokens"])
+        if self.n_rows < global_batch:
+            raise JaxtuneError(f"only {self.n_rows} packed rows for a global batch of {global_batch}: "
+                               "use more data, a smaller batch or a shorter data.seq_len")
+        self.steps_per_epoch = self.n_rows // global_batch
+        self.state = {"epoch": 0, "position": 0}
+        if global_batch % jax.process_count():
+            raise JaxtuneError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+
+    def local_indices(self, epoch: int, position: int) -> np.ndarray:
+        """This process's rows of global batch `position` of `epoch`."""
+        batch = self.order(epoch)[position * self.global_batch:(position + 1) * self.global_batch]
+        per_process = self.global_batch // jax.process_count()
+        return batch[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        epoch, position = self.state["epoch"], self.state["position"]
+        idx = self.local_indices(epoch, position)
+        position += 1
+        if position == self.steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        self.state = {"epoch": epoch, "position": position}
+        local = {k: v[idx] for k, v in self.rows.items()}
+        if self.sharding is None:
+            return local
+        return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}

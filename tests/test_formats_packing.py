@@ -1,0 +1,174 @@
+"""Formats -> tokens/weights on the real SmolLM2 tokenizer and template, packing properties, preflight."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jaxtune import JaxtuneError
+from jaxtune.data import packing
+from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
+from jaxtune.data.preflight import DataReport, debug_view
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def supervised_text(tokenizer, data: Tokenized, i=0):
+    ids, w = data.sample(i)
+    return tokenizer.decode(ids[w == 1])
+
+
+CONVO = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                      {"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "No."}]}
+
+
+def test_chat_supervises_assistant_turns_and_their_end_of_turn(tokenizer):
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=512)).tokenize([CONVO])
+    assert supervised_text(tokenizer, data) == "Hello! How can I help?<|im_end|>\nNo.<|im_end|>\n"
+    assert data.turn_ends_unlabelled == 0
+    full = tokenizer.decode(data.sample(0)[0])
+    assert full.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_train_on_inputs_supervises_everything(tokenizer):
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=512, train_on_inputs=True)).tokenize([CONVO])
+    assert data.weights.all()
+
+
+def test_sharegpt_alpaca_completion_pretokenized(tokenizer):
+    share = {"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello! How can I help?"},
+                               {"from": "human", "value": "Tell me a joke"}, {"from": "gpt", "value": "No."}]}
+    f = Formatter(tokenizer, FormatOptions("chat", seq_len=512))
+    np.testing.assert_array_equal(f.tokenize([share]).ids, f.tokenize([CONVO]).ids)
+
+    alpaca = Formatter(tokenizer, FormatOptions("alpaca", seq_len=512)).tokenize(
+        [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}])
+    assert supervised_text(tokenizer, alpaca) == "5<|im_end|>\n"
+    assert "Add the numbers.\n\n2 and 3" in tokenizer.decode(alpaca.ids)
+
+    comp = Formatter(tokenizer, FormatOptions("completion", seq_len=512)).tokenize([{"text": "Once upon a time"}])
+    assert comp.ids[-1] == tokenizer.eos_token_id and comp.weights.all()
+    assert tokenizer.decode(comp.ids) == "Once upon a time<|im_end|>"
+
+    pre = Formatter(tokenizer, FormatOptions("pretokenized", seq_len=512)).tokenize(
+        [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}])
+    assert pre.weights.tolist() == [0, 0, 1, 1]
+
+
+def test_overlong_policies(tokenizer):
+    long = {"text": " ".join(["word"] * 300)}
+    for policy, expect in [("truncate", (1, 0, 0)), ("drop", (0, 1, 0)), ("split", (5, 0, 1))]:
+        data = Formatter(tokenizer, FormatOptions("completion", seq_len=64, overlong=policy)).tokenize([long])
+        assert (len(data), data.dropped, data.split) == expect, policy
+        assert data.lengths.max(initial=0) <= 64
+    assert Formatter(tokenizer, FormatOptions("completion", seq_len=64)).tokenize([long]).truncated == 1
+
+
+def test_missing_field_names_field_and_record(tokenizer):
+    with pytest.raises(JaxtuneError, match=r"train.jsonl record 1: missing field 'output'"):
+        Formatter(tokenizer, FormatOptions("alpaca")).tokenize(
+            [{"instruction": "a", "output": "b"}, {"instruction": "c"}], "train.jsonl")
+    with pytest.raises(JaxtuneError, match=r"needs 'messages'"):
+        Formatter(tokenizer, FormatOptions("chat")).tokenize([{"text": "x"}])
+
+
+def test_template_that_masks_end_of_turn_fails_preflight(tokenizer):
+    # A template that closes each turn at the start of the *next* one: the assistant's <|im_end|>
+    # lands in the following user header and is never a target.
+    bad = ("{% for m in messages %}{% if not loop.first %}{{ '<|im_end|>\n' }}{% endif %}"
+           "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_end|>\n<|im_start|>assistant\n' }}{% endif %}")
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=512, chat_template=bad)).tokenize([CONVO])
+    assert data.turn_ends_unlabelled == 2
+    report = DataReport.build(data, packing.pack(data, 512), 512)
+    with pytest.raises(JaxtuneError, match=r"2 assistant turn\(s\) end with an end-of-turn token that carries no label"):
+        report.check()
+
+
+def test_no_supervised_tokens_and_no_eos_fail(tokenizer):
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=512)).tokenize(
+        [{"messages": [{"role": "user", "content": "hello?"}]}])
+    report = DataReport.build(data, packing.pack(data, 512), 512)
+    with pytest.raises(JaxtuneError, match="no supervised token at all"):
+        report.check()
+
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(JaxtuneError, match="no EOS token"):
+        Formatter(NoEos(), FormatOptions("completion"))
+
+
+def test_chatml_fallback_and_debug_view(tokenizer):
+    f = Formatter(tokenizer, FormatOptions("chat", seq_len=512, chat_template="chatml"))
+    data = f.tokenize([CONVO])
+    assert tokenizer.decode(data.ids).startswith("<|im_start|>user\nHi there<|im_end|>")
+    view = debug_view(tokenizer, *data.sample(0))
+    assert "+       2 '<|im_end|>'" in view and "-       1 '<|im_start|>'" in view
+
+
+def test_report_text(tokenizer):
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=128)).tokenize([CONVO] * 5)
+    report = DataReport.build(data, packing.pack(data, 128), 128)
+    assert report.samples == 5 and report.supervised_tokens == int(data.weights.sum()) - 0
+    assert "packed into" in report.text() and "efficiency" in report.text()
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+docs = st.lists(st.lists(st.integers(0, 1), min_size=1, max_size=40), min_size=1, max_size=30)
+
+
+@given(weight_lists=docs, seq_len=st.integers(40, 100))
+@settings(max_examples=200, deadline=None)
+def test_packing_never_crosses_a_boundary(weight_lists, seq_len):
+    rng = np.random.default_rng(len(weight_lists))
+    samples = [(rng.integers(3, 1000, len(w)).astype(np.int32), np.array(w, np.uint8)) for w in weight_lists]
+    lengths = np.array([len(s[0]) for s in samples])
+    data = Tokenized(np.concatenate([s[0] for s in samples]), np.concatenate([s[1] for s in samples]),
+                     np.concatenate([[0], np.cumsum(lengths)]))
+    rows = packing.pack(data, seq_len)
+    recovered = []
+    for r in range(len(rows["tokens"])):
+        seg, pos, tok = rows["segment_ids"][r], rows["positions"][r], rows["tokens"][r]
+        tgt, w = rows["targets"][r], rows["weights"][r]
+        n_real = int((seg > 0).sum())
+        assert (seg[:n_real] > 0).all() and (seg[n_real:] == 0).all()  # padding only at the end
+        assert (w[n_real:] == 0).all()
+        for s in np.unique(seg[:n_real]):
+            where = np.flatnonzero(seg == s)
+            assert (np.diff(where) == 1).all()  # contiguous
+            assert pos[where].tolist() == list(range(len(where)))  # positions restart
+            assert w[where[-1]] == 0  # the last token predicts nothing across the boundary
+            inner = where[:-1]
+            assert (tgt[inner] == tok[inner + 1]).all()  # targets stay inside the document
+            recovered.append(tok[where].tolist())
+    assert sorted(recovered) == sorted(s[0].tolist() for s in samples)
+    assert rows["weights"].sum() == sum(int(s[1][1:].sum()) for s in samples)
+
+
+text = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "Zs"]), min_size=1, max_size=30).map(str.strip).filter(
+    lambda s: s and "<|" not in s)
+
+
+@given(turns=st.lists(st.tuples(text, text), min_size=1, max_size=4))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_weights_are_exactly_assistant_turns_plus_end_of_turn(tokenizer, turns):
+    messages = []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=4096)).tokenize([{"messages": messages}])
+    assert supervised_text(tokenizer, data) == "".join(a + "<|im_end|>\n" for _, a in turns)
+    assert data.turn_ends_unlabelled == 0
+    # and the fast span finder agrees with rendering every prefix
+    f = Formatter(tokenizer, FormatOptions("chat"))
+    assert f.chat_spans(messages)[1] == f._chat_spans_by_prefix(messages)
+
+
+def test_first_fit_decreasing_is_tight():
+    bins = packing.first_fit_decreasing(np.array([60, 40, 50, 50, 30, 70]), 100)
+    assert sorted(sorted(b) for b in bins) == [[0, 1], [2, 3], [4, 5]]
