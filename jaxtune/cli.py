@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+from jaxtune.data import clean, prepare
+from jaxtune.data.formats import FORMATS, OVERLONG
 from jaxtune.errors import JaxtuneError
 
 
@@ -34,6 +36,27 @@ def cmd_generate(args):
     print(f"[{len(new)} tokens in {elapsed:.1f}s, compile included]", file=sys.stderr)
 
 
+def cmd_preflight(args):
+    from transformers import AutoTokenizer
+
+    from jaxtune.data import loader
+    from jaxtune.data.formats import FormatOptions
+    from jaxtune.data.preflight import debug_view
+    from jaxtune.models.hf import resolve_model_path
+
+    tokenizer_dir = str(resolve_model_path(args.model))
+    opts = FormatOptions(args.format, args.seq_len, args.train_on_inputs, args.overlong, args.chat_template)
+    data = loader.build(args.data, tokenizer_dir, opts, val_sources=args.val or (), val_fraction=args.val_fraction)
+    print(f"train data ({', '.join(args.data)}):\n{data.train_report.text()}")
+    if data.val_report is not None:
+        print(f"validation data:\n{data.val_report.text()}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for i in range(min(args.show, len(data.train_tokenized))):
+        print(f"\nsample {i} ('+' = target, '-' = masked):\n{debug_view(tokenizer, *data.train_tokenized.sample(i))}")
+    data.train_report.check()
+    print("preflight: OK")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("preflight", help="tokenize, pack and check data before training; show samples as token/label pairs")
+    p.add_argument("data", nargs="+", help="record files (.jsonl/.json/.csv/.parquet), hub names, or tfds:NAME")
+    p.add_argument("--model", required=True, help="model directory whose tokenizer and chat template to use")
+    p.add_argument("--format", default="chat", choices=FORMATS)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--train-on-inputs", action="store_true", help="supervise prompts/user turns too")
+    p.add_argument("--overlong", default="truncate", choices=OVERLONG)
+    p.add_argument("--chat-template", help="'chatml' or a jinja template string (default: the tokenizer's)")
+    p.add_argument("--val", nargs="*", help="separate validation files")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of samples instead")
+    p.add_argument("--show", type=int, default=1, help="print this many samples as token/label pairs")
+    p.set_defaults(func=cmd_preflight)
+
+    prepare.register_cli(sub)
+    clean.register_cli(sub)
     return parser
 
 

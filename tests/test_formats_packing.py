@@ -108,7 +108,7 @@ def test_chatml_fallback_and_debug_view(tokenizer):
     data = f.tokenize([CONVO])
     assert tokenizer.decode(data.ids).startswith("<|im_start|>user\nHi there<|im_end|>")
     view = debug_view(tokenizer, *data.sample(0))
-    assert "+       2 '<|im_end|>'" in view and "-       1 '<|im_start|>'" in view
+    assert "+       2 '<|im_end|>'" in view and "-       1 '<|im_start|>'" in view and "-    4093 'user'" in view
 
 
 def test_report_text(tokenizer):

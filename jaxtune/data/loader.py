@@ -12,13 +12,13 @@ import dataclasses
 import hashlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxtune.data import packing
+from jaxtune.data import packing, prepare
+from jaxtune.data.preflight import DataReport
 from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
 from jaxtune.errors import JaxtuneError
 
@@ -26,27 +26,13 @@ CACHE_VERSION = 1
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """JSONL with file:line errors (the common case; faster and clearer than `datasets` for it)."""
-    records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(json.loads(raw))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise JaxtuneError(f"{path}:{lineno}: not valid JSON ({e}): {raw[:200]!r}") from None
-    return records
-
-
 def load_records(source: str) -> list[dict]:
     """Local .jsonl/.json/.csv/.parquet, `tfds:NAME[:split]`, or a hub dataset name (online)."""
     if source.startswith("tfds:"):
         return _tfds_records(source[5:])
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl" and path.is_file():
-        return read_jsonl(path)
+    if path.suffix in (".jsonl", ".json") and path.is_file():  # file:line errors for hand-made data
+        return list(prepare.read_records(path, stats=prepare.Stats()))
     import datasets
 
     if path.suffix in LOCAL_SUFFIXES:
@@ -93,11 +79,6 @@ def _fingerprint(sources: list[str], tokenizer_dir: str | None, opts: FormatOpti
     return h.hexdigest()[:24]
 
 
-def _tokenize_chunk(args):
-    tokenizer_dir, opts, records, source = args
-    return Formatter(_load_tokenizer(tokenizer_dir), opts).tokenize(records, source)
-
-
 def _load_tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -115,9 +96,13 @@ def _concat(parts: list[Tokenized]) -> Tokenized:
                                                 for f in ("turn_ends_unlabelled", "truncated", "dropped", "split")))
 
 
-def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, cache_dir: Path | None = None,
-                     workers: int | None = None) -> Tokenized:
-    """Tokenize every record of `sources`, in parallel, through an on-disk cache."""
+def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions, *,
+                     cache_dir: Path | None = None) -> Tokenized:
+    """Tokenize every record of `sources` through an on-disk cache.
+
+    Tokenization is one batch call per source into the Rust tokenizer, which encodes in parallel on
+    all cores; chat templates are rendered once per conversation (see Formatter.chat_spans), so no
+    Python process pool is needed (and none can deadlock on JAX's threads after a fork)."""
     from jaxtune.assets import cache_dir as default_cache
 
     cache = Path(cache_dir or default_cache() / "tokenized") / f"{_fingerprint(sources, tokenizer_dir, opts)}.npz"
@@ -125,17 +110,8 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
         z = np.load(cache)
         return Tokenized(z["ids"], z["weights"], z["offsets"], *(int(z[f]) for f in
                                                                  ("turn_ends_unlabelled", "truncated", "dropped", "split")))
-    jobs = []
-    for src in sources:
-        records = load_records(src)
-        step = max(1, -(-len(records) // (4 * (workers or os.cpu_count() or 1))))
-        jobs += [(tokenizer_dir, opts, records[i:i + step], src) for i in range(0, len(records), step)]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_tokenize_chunk, jobs))
-    else:
-        parts = [_tokenize_chunk(j) for j in jobs]
+    formatter = Formatter(_load_tokenizer(tokenizer_dir), opts)
+    parts = [formatter.tokenize(load_records(src), src) for src in sources]
     data = _concat(parts) if parts else Tokenized(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(1, np.int64))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -161,6 +137,33 @@ def _subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
     return Tokenized(np.concatenate([p[0] for p in parts]) if parts else data.ids[:0],
                      np.concatenate([p[1] for p in parts]) if parts else data.weights[:0],
                      np.concatenate([[0], np.cumsum(lengths)]))
+
+
+@dataclasses.dataclass
+class PackedData:
+    """What a run trains and evaluates on, with the reports shown before it starts."""
+
+    train: dict[str, np.ndarray]
+    val: dict[str, np.ndarray] | None
+    train_report: DataReport
+    val_report: DataReport | None
+    train_tokenized: Tokenized
+
+
+def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, val_sources: list[str] = (),
+          val_fraction: float = 0.0, seed: int = 0, cache_dir: Path | None = None) -> PackedData:
+    """Tokenize (cached), hold out validation (separate files, or a fraction), pack, report."""
+    train = tokenize_sources(list(train_sources), tokenizer_dir, opts, cache_dir=cache_dir)
+    if val_sources:
+        val = tokenize_sources(list(val_sources), tokenizer_dir, opts, cache_dir=cache_dir)
+    elif val_fraction > 0:
+        train, val = split_validation(train, val_fraction, seed)
+    else:
+        val = None
+    train_rows = packing.pack(train, opts.seq_len)
+    val_rows = packing.pack(val, opts.seq_len) if val is not None else None
+    return PackedData(train_rows, val_rows, DataReport.build(train, train_rows, opts.seq_len),
+                      DataReport.build(val, val_rows, opts.seq_len) if val is not None else None, train)
 
 
 class Batches:

@@ -70,5 +70,5 @@ class DataReport:
 
 def debug_view(tokenizer, ids, weights, limit: int = 400) -> str:
     """One sample as token / label pairs; '-' marks a masked token (no loss), '+' a target."""
-    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids[:limit]])
+    pieces = [tokenizer.decode([int(i)]) for i in ids[:limit]]
     return "\n".join(f"{'+' if w else '-'} {int(i):>7} {p!r}" for i, w, p in zip(ids[:limit], weights[:limit], pieces))

@@ -1,0 +1,143 @@
+"""Sources, the tokenization cache, validation split, and the resumable per-host batch iterator."""
+import json
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtune import JaxtuneError, sharding
+from jaxtune.data import loader, packing
+from jaxtune.data.formats import FormatOptions, Tokenized
+
+RECORDS = [{"text": f"document number {i} " + "word " * (i % 13)} for i in range(60)]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def toy_rows(n=10, t=8):
+    return {name: np.arange(n * t, dtype=np.int32).reshape(n, t) + 1000 * k
+            for k, name in enumerate(packing.ROW_FIELDS)}
+
+
+def test_sources_jsonl_csv_parquet(tmp_path):
+    import pandas as pd
+
+    write_jsonl(tmp_path / "a.jsonl", RECORDS[:3])
+    pd.DataFrame(RECORDS[:3]).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame(RECORDS[:3]).to_parquet(tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.csv", "a.parquet"):
+        assert [r["text"] for r in loader.load_records(str(tmp_path / name))] == [r["text"] for r in RECORDS[:3]]
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "broken\n{"text": "ok"}\n')
+    with pytest.raises(JaxtuneError, match=r"bad.jsonl:2: malformed JSON .*broken"):
+        loader.load_records(str(path))
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(JaxtuneError, match="no such data file"):
+        loader.load_records(str(tmp_path / "nope.jsonl.csv"))
+
+
+def test_tfds_source(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class TinyTexts(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, r in enumerate(RECORDS[:4]):
+                yield i, r
+
+    TinyTexts(data_dir=str(tmp_path)).download_and_prepare()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    assert sorted(r["text"] for r in loader.load_records("tfds:tiny_texts")) == sorted(r["text"] for r in RECORDS[:4])
+
+
+def test_tokenization_cache_is_keyed_by_content(tmp_path, smollm2_dir, monkeypatch):
+    src = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    opts = FormatOptions("completion", seq_len=64)
+    first = loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
+    assert len(first) == 60 and len(list((tmp_path / "c").glob("*.npz"))) == 1
+
+    def no_reading(_):
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(loader, "load_records", no_reading)
+    start = time.perf_counter()
+    again = loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
+    assert time.perf_counter() - start < 1.0
+    np.testing.assert_array_equal(again.ids, first.ids)
+    np.testing.assert_array_equal(again.offsets, first.offsets)
+    with pytest.raises(AssertionError, match="cache miss"):  # new options or new content: re-tokenize
+        loader.tokenize_sources([str(src)], str(smollm2_dir), FormatOptions("completion", seq_len=32), cache_dir=tmp_path / "c")
+    write_jsonl(src, RECORDS[:-1])
+    with pytest.raises(AssertionError, match="cache miss"):
+        loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
+
+
+def test_validation_split_is_deterministic_and_disjoint():
+    lengths = np.arange(1, 21)
+    data = Tokenized(np.arange(lengths.sum(), dtype=np.int32), np.ones(lengths.sum(), np.uint8),
+                     np.concatenate([[0], np.cumsum(lengths)]))
+    train, val = loader.split_validation(data, 0.2, seed=3)
+    train2, val2 = loader.split_validation(data, 0.2, seed=3)
+    assert len(val) == 4 and len(train) == 16
+    np.testing.assert_array_equal(val.ids, val2.ids)
+    assert set(train.ids.tolist()).isdisjoint(val.ids.tolist())
+    assert len(train.ids) + len(val.ids) == len(data.ids)
+
+
+def test_batches_deterministic_and_resumable():
+    rows = toy_rows(n=9)
+    a = loader.Batches(rows, 3, seed=7)
+    seen = [next(a)["tokens"][:, 0].tolist() for _ in range(7)]  # 3 steps/epoch: crosses two epochs
+    assert seen[0] != seen[3]  # new order each epoch
+    assert sorted(sum(seen[:3], [])) == sorted(sum(seen[3:6], []))  # same rows, reshuffled
+    b = loader.Batches(rows, 3, seed=7)
+    for _ in range(4):
+        next(b)
+    state = dict(b.state)
+    c = loader.Batches(rows, 3, seed=7)
+    c.state = state
+    assert [next(c)["tokens"][:, 0].tolist() for _ in range(3)] == seen[4:7]
+
+
+def test_each_process_reads_its_slice(monkeypatch):
+    rows = toy_rows(n=12)
+    batches = loader.Batches(rows, 4, seed=1)
+    whole = batches.order(0)[:4]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    parts = []
+    for p in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        parts.append(batches.local_indices(0, 0))
+    assert [len(x) for x in parts] == [2, 2]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+def test_global_batches_are_sharded_over_data_and_fsdp():
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    batches = loader.Batches(toy_rows(n=16), 8, seed=0,
+                             sharding=sharding.named_sharding(("batch", "length"), (8, 8), mesh))
+    batch = next(batches)
+    assert batch["tokens"].shape == (8, 8) and batch["tokens"].sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(np.asarray(batch["tokens"]), toy_rows(16)["tokens"][batches.order(0)[:8]])
+
+
+def test_too_few_rows():
+    with pytest.raises(JaxtuneError, match="only 10 packed rows for a global batch of 16"):
+        loader.Batches(toy_rows(), 16)
