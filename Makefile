@@ -3,7 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-DEMO_PROMPT ?= Hi! What do you like to do on weekends?
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +14,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/jaxtune generate "$$($(VENV)/bin/jaxtune assets smollm2)" --chat --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
+	$(VENV)/bin/jaxtune assets smollm2 chitchat
+	$(VENV)/bin/jaxtune train configs/quickstart.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -57,6 +57,33 @@ def cmd_preflight(args):
     print("preflight: OK")
 
 
+def cmd_train(args):
+    from jaxtune import config
+    from jaxtune.train.loop import train
+
+    train(config.load(args.config, args.overrides))
+
+
+def cmd_keys(_args):
+    from jaxtune import config
+
+    print(config.describe())
+
+
+def cmd_curves(args):
+    from pathlib import Path
+
+    from jaxtune.train import curves
+
+    metrics = curves.read_metrics(Path(args.workdir))
+    if not metrics:
+        raise JaxtuneError(f"{args.workdir}/metrics.jsonl: missing or empty; is this a jaxtune workdir?")
+    print(curves.plot(Path(args.workdir), metrics))
+    verdict = curves.diagnose([(m["step"], m["loss"]) for m in metrics if "loss" in m],
+                              [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m])
+    print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of samples instead")
     p.add_argument("--show", type=int, default=1, help="print this many samples as token/label pairs")
     p.set_defaults(func=cmd_preflight)
+
+    p = sub.add_parser("train", help="train (or resume) from a config file: jaxtune train CONFIG.py [--config.key=value ...]")
+    p.add_argument("config", help="a Python file with get_config(), e.g. configs/quickstart.py")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.train.lr=1e-4 ... (see `jaxtune keys`)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("keys", help="list every config key with its default and help")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("curves", help="redraw WORKDIR/curves.png from metrics.jsonl and print the diagnosis")
+    p.add_argument("workdir")
+    p.set_defaults(func=cmd_curves)
 
     prepare.register_cli(sub)
     clean.register_cli(sub)

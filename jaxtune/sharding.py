@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import warnings
 
 import jax
 from flax import nnx
@@ -46,6 +47,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
         if len(devices) % known:
             raise JaxtuneError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        warnings.warn(f"mesh {sizes} uses {math.prod(sizes)} of {len(devices)} devices; set one size to -1 to use all")
+        devices = devices[: math.prod(sizes)]
     if math.prod(sizes) != len(devices):
         raise JaxtuneError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} devices, "
@@ -82,6 +86,21 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
         return named_sharding(axes, var.shape, mesh, rules)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def follow_params(abstract_tree, params, param_shardings, mesh: Mesh):
+    """Shardings for a tree that mirrors the parameters somewhere inside (optimizer moments, gradient
+    accumulators): a leaf whose path ends with a parameter's path takes that parameter's sharding,
+    anything else (step counters) is replicated."""
+    by_path = {path: s for (path, _), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                               jax.tree.leaves(param_shardings))}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, _):
+        return next((by_path[path[-n:]] for n in lengths if len(path) >= n and path[-n:] in by_path), replicated)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ def test_mesh_2x2x2_shards_parameters_and_matches_one_device(tmp_path):
 
 def test_mesh_sizes_and_errors():
     assert dict(sharding.make_mesh(data=1, fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.warns(UserWarning, match="uses 2 of 8 devices"):
+        assert sharding.make_mesh(data=1, fsdp=2, tensor=1).devices.size == 2
     with pytest.raises(JaxtuneError, match="needs 12 devices, but 8 are visible"):
         sharding.make_mesh(data=3, fsdp=2, tensor=2)
     with pytest.raises(JaxtuneError, match="at most one"):

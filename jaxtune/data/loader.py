@@ -200,14 +200,23 @@ class Batches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def next_step(self) -> tuple[dict, int]:
+        """(this process's rows of the next global batch, supervised tokens in the whole global batch).
+
+        Every process holds all packed rows, so the global count needs no communication; the loss
+        divides by it, which makes accumulation over uneven micro-batches exact."""
         epoch, position = self.state["epoch"], self.state["position"]
+        global_rows = self.order(epoch)[position * self.global_batch:(position + 1) * self.global_batch]
+        supervised = int(self.rows["weights"][global_rows].sum())
         idx = self.local_indices(epoch, position)
         position += 1
         if position == self.steps_per_epoch:
             epoch, position = epoch + 1, 0
         self.state = {"epoch": epoch, "position": position}
-        local = {k: v[idx] for k, v in self.rows.items()}
+        return {k: v[idx] for k, v in self.rows.items()}, supervised
+
+    def __next__(self) -> dict:
+        local, _ = self.next_step()
         if self.sharding is None:
             return local
         return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}

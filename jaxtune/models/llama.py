@@ -122,16 +122,29 @@ def _param(rngs, shape, dtype, axes, init=nnx.initializers.normal(0.02)):
 
 
 class Linear(nnx.Module):
-    """x @ kernel (+ bias). kernel is [layers, in, out]; inside the layer scan it is [in, out]."""
+    """x @ kernel (+ bias) (+ LoRA). kernel is [layers, in, out]; inside the layer scan [in, out].
+
+    `jaxtune.lora.add_lora` sets lora_a [layers, in, r], lora_b [layers, r, out], the scale and the
+    dropout rate; the frozen kernel is only ever read through `x @ kernel`, so a quantized kernel can
+    replace it without touching the LoRA path.
+    """
 
     def __init__(self, layers, d_in, d_out, axes, *, bias, dtype, rngs):
         self.kernel = _param(rngs, (layers, d_in, d_out), dtype, ("layers", *axes))
         self.bias = _param(rngs, (layers, d_out), dtype, ("layers", axes[1]), nnx.initializers.zeros) if bias else None
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # data slots: add_lora fills them
+        self.lora_scale, self.lora_dropout = 0.0, 0.0
 
-    def __call__(self, x):
+    def __call__(self, x, rng=None):
         y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
+        if self.lora_a is not None:
+            if rng is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+            h = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(x.dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
         return y
 
 
@@ -155,22 +168,23 @@ class Block(nnx.Module):
         self.up_proj = linear(d, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias)
         self.down_proj = linear(cfg.intermediate_size, d, ("mlp", "embed"), cfg.mlp_bias)
 
-    def __call__(self, x_btd, cfg: ModelConfig, positions, mask, inv_freq, kv=None, cache_index=None):
+    def __call__(self, x_btd, cfg: ModelConfig, positions, mask, inv_freq, kv=None, cache_index=None, rng=None):
         """Returns (x, (k, v)). With `kv` (this layer's cache) new keys/values are written at
-        `cache_index` and attention reads the whole cache."""
+        `cache_index` and attention reads the whole cache. `rng` (training only) drives LoRA dropout."""
         b, t, _ = x_btd.shape
+        keys = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         h = rms_norm(x_btd, self.attn_norm[...], cfg.rms_norm_eps)
-        q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q_proj(h, keys[0]).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(h, keys[1]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(h, keys[2]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
-        x_btd = x_btd + self.o_proj(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+        x_btd = x_btd + self.o_proj(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), keys[3])
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"))
         h = rms_norm(x_btd, self.mlp_norm[...], cfg.rms_norm_eps)
-        x_btd = x_btd + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        x_btd = x_btd + self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
         return sharding.constrain(x_btd, ("batch", "length", "act_embed")), (k, v)
 
 
@@ -205,10 +219,12 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab"))
 
-    def hidden_states(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache: KVCache | None = None):
+    def hidden_states(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache: KVCache | None = None,
+                      rng=None):
         """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
 
-        positions default to 0..T-1 and segment ids to 1 (one unpadded document per row).
+        positions default to 0..T-1 and segment ids to 1 (one unpadded document per row); `rng`
+        turns on (LoRA) dropout, for training.
         """
         cfg = self.cfg
         b, t = tokens_bt.shape
@@ -229,15 +245,18 @@ class Llama(nnx.Module):
         inv_freq = rope_inv_freq(cfg)
         graphdef, layer_state = nnx.split(self.layers)
 
+        layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+
         def body(x, scanned):
-            state, kv = scanned
-            x, new_kv = nnx.merge(graphdef, state)(x, cfg, positions_bt, mask, inv_freq, kv, None if cache is None else cache.index)
+            state, kv, layer_rng = scanned
+            block = nnx.merge(graphdef, state)
+            x, new_kv = block(x, cfg, positions_bt, mask, inv_freq, kv, None if cache is None else cache.index, layer_rng)
             return x, (new_kv if cache is not None else None)
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, kv_layers))
+        x, new_kv = jax.lax.scan(body, x, (layer_state, kv_layers, layer_rngs))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cache is None:
             return x

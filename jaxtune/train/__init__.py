@@ -1,0 +1,1 @@
+"""Training: optimizer, step, checkpoints, curves and the loop."""

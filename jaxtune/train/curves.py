@@ -1,0 +1,79 @@
+"""Learning curves and their diagnosis, by the guide's definitions:
+underfit = training loss flat/high, or still falling at the end; overfit = training loss falling while
+validation loss reaches a minimum and rises again (stop at the minimum); well-fit = both settle."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FLAT = 0.02  # relative change below which a curve counts as flat
+RISE = 0.02  # relative rise of eval loss above its minimum that counts as overfitting
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def diagnose(train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> dict:
+    """{'diagnosis': underfit|overfit|well-fit|unknown, 'reason': ..., 'best_step': step of min eval loss}."""
+    if len(train) < 4:
+        return {"diagnosis": "unknown", "reason": "too few training points to judge", "best_step": None}
+    losses = np.array([v for _, v in train])
+    best_step = min(evals, key=lambda e: e[1])[0] if evals else None
+    if len(evals) >= 3:
+        e = np.array([v for _, v in evals])
+        i = int(np.argmin(e))
+        if i < len(e) - 1 and e[-1] > e[i] * (1 + RISE) and losses[-1] < losses[0]:
+            return {"diagnosis": "overfit", "best_step": best_step,
+                    "reason": f"eval loss bottomed out at {e[i]:.4f} (step {best_step}) and rose to {e[-1]:.4f} "
+                              f"while training loss kept falling: use the checkpoint at step {best_step}"}
+    quarter = max(2, len(losses) // 4)
+    head, tail = losses[:quarter].mean(), losses[-quarter:].mean()
+    if (head - tail) / head < FLAT:
+        return {"diagnosis": "underfit", "best_step": best_step,
+                "reason": f"training loss is flat ({head:.4f} -> {tail:.4f}): raise the learning rate, the LoRA "
+                          "rank, or train longer"}
+    last_head, last_tail = losses[-2 * quarter:-quarter].mean(), tail
+    if (last_head - last_tail) / last_head > FLAT:
+        return {"diagnosis": "underfit", "best_step": best_step,
+                "reason": f"training loss is still falling at the end ({last_head:.4f} -> {last_tail:.4f} over the "
+                          "last quarter): train longer"}
+    gap = ""
+    if evals:
+        gap = f"; eval {evals[-1][1]:.4f} vs train {tail:.4f}"
+    return {"diagnosis": "well-fit", "best_step": best_step, "reason": f"training loss settled at {tail:.4f}{gap}"}
+
+
+def plot(workdir: Path, metrics: list[dict] | None = None) -> Path:
+    """curves.png: train and eval loss against step, learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_metrics(workdir) if metrics is None else metrics
+    train = [(m["step"], m["loss"], m.get("lr")) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        ax.plot([t[0] for t in train], [t[1] for t in train], label="train loss", color="tab:blue")
+    if evals:
+        ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train and any(t[2] is not None for t in train):
+        lr_ax = ax.twinx()
+        lr_ax.plot([t[0] for t in train], [t[2] for t in train], color="tab:gray", alpha=0.5, label="lr")
+        lr_ax.set_ylabel("learning rate")
+    verdict = diagnose([t[:2] for t in train], evals)
+    ax.set_title(f"{Path(workdir).name}: {verdict['diagnosis']}")
+    ax.legend(loc="upper right")
+    out = Path(workdir) / "curves.png"
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,71 @@
+"""The train and eval steps: pure functions of (trainable, frozen, optimizer state, batch, rng).
+
+The loss is the sum of token losses over the whole accumulation group divided by its number of
+supervised tokens (`norm` carries that count / k, because MultiSteps averages the k micro-gradients),
+so k micro-batches with uneven token counts equal one big batch. Logits are computed in float32 one
+sequence chunk at a time under `jax.checkpoint`, so B x T x vocab float32 logits never exist at once.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxtune import sharding
+from jaxtune.models.llama import Llama
+
+
+def chunk_size(seq_len: int, wanted: int) -> int:
+    """The largest divisor of seq_len not above `wanted` (static shapes need an even split)."""
+    return max(c for c in range(1, min(wanted, seq_len) + 1) if seq_len % c == 0)
+
+
+def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
+    """(sum of weighted token cross-entropies, sum of weights), both float32 scalars."""
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
+    unembed = model.unembed()
+    b, t, d = hidden.shape
+    c = chunk_size(t, loss_chunk)
+
+    def split(x):  # [B, T, ...] -> [T/c, B, c, ...] for the scan
+        return jnp.swapaxes(x.reshape(b, t // c, c, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        h, targets, weights = xs
+        logits = jnp.einsum("BCD,DV->BCV", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        return total + jnp.sum(losses * weights), None
+
+    weights = batch["weights"].astype(jnp.float32)
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),
+                            (split(hidden), split(batch["targets"]), split(weights)))
+    return total, jnp.sum(weights)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_chunk: int):
+    def train_step(trainable, frozen, opt_state, batch, norm, rng):
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, trainable, frozen)
+            loss_sum, tokens = token_loss_sums(model, batch, rng, loss_chunk)
+            return loss_sum / norm, (loss_sum, tokens)
+
+        grads, (loss_sum, tokens) = jax.grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": optax.tree_utils.tree_l2_norm(grads),
+                   "param_norm": optax.tree_utils.tree_l2_norm(trainable)}  # non-finite = never checkpoint these
+        return trainable, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, loss_chunk: int):
+    def eval_step(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return token_loss_sums(model, batch, None, loss_chunk)
+
+    return eval_step

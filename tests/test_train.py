@@ -1,0 +1,254 @@
+"""Training: exact accumulation, exact resume, mesh equivalence, frozen base, NaN halt, SIGTERM, config errors."""
+import json
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import make_hf_model
+from jaxtune import JaxtuneError, config, from_pretrained, lora
+from jaxtune.data import loader
+from jaxtune.train import optim
+from jaxtune.train.loop import train
+from jaxtune.train.step import make_train_step, token_loss_sums
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama that uses the real SmolLM2 tokenizer and chat template."""
+    out, _ = make_hf_model(tmp_path_factory.mktemp("tiny"), vocab_size=49152, num_key_value_heads=2,
+                           tie_word_embeddings=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    from jaxtune import assets
+
+    records = [json.loads(line) for line in (assets.chitchat() / "train.jsonl").read_text().splitlines()[:120]]
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:100]))
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[100:]))
+    return d
+
+
+def run_config(tiny_dir, chat_data, workdir, **overrides):
+    cfg = config.base_config()
+    values = {"workdir": str(workdir), "model.path": str(tiny_dir), "data.train": str(chat_data / "train.jsonl"),
+              "data.val": str(chat_data / "val.jsonl"), "data.seq_len": 128, "data.overlong": "split",
+              "train.micro_batch_size": 4, "train.max_steps": 6, "train.lr": "1e-3", "train.warmup_steps": 2,
+              "eval.every_steps": 3, "eval.max_batches": 2, "log.every_steps": 1, "log.progress": False,
+              "checkpoint.every_steps": 3, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, **overrides}
+    for key, value in values.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.validate(cfg)
+    return cfg
+
+
+def losses(workdir):
+    return [(m["step"], m.get("loss"), m.get("eval_loss")) for m in map(json.loads, open(workdir / "metrics.jsonl"))]
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+def rows_with_uneven_supervision(seq_len=32, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (n, seq_len)).astype(np.int32)
+    weights = np.zeros((n, seq_len), np.float32)
+    for r, keep in enumerate([30, 3, 17, 9]):  # very different supervised counts per row
+        weights[r, :keep] = 1
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "weights": weights,
+            "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(seq_len, dtype=np.int32), (n, 1))}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_accumulation_equals_one_big_batch(tmp_path, method):
+    path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
+    batch = rows_with_uneven_supervision()
+    total = batch["weights"].sum()
+
+    def one_update(k):
+        model = from_pretrained(path)
+        if method == "lora":
+            lora.add_lora(model, rank=4, alpha=8, dropout=0.0, seed=1)
+            for name in lora.LINEAR_MODULES:  # non-zero B so both factors get gradients
+                linear = getattr(model.layers, name)
+                linear.lora_b[...] = jax.random.normal(jax.random.key(2), linear.lora_b.shape) * 0.1
+        graphdef, trainable, frozen = lora.split_trainable(model, method)
+        tx = optim.optimizer(optax.constant_schedule(1e-2), weight_decay=0.1, max_grad_norm=1.0, b1=0.9, b2=0.999,
+                             grad_accum_steps=k)
+        opt_state = tx.init(trainable)
+        step = jax.jit(make_train_step(graphdef, tx, loss_chunk=8))
+        micro = 4 // k
+        for i in range(k):
+            chunk = {name: v[i * micro:(i + 1) * micro] for name, v in batch.items()}
+            trainable, opt_state, _ = step(trainable, frozen, opt_state, chunk, jnp.float32(total / k), None)
+        return trainable
+
+    big, accumulated = one_update(1), one_update(2)
+    for x, y in zip(jax.tree.leaves(big), jax.tree.leaves(accumulated)):
+        err = float(jnp.linalg.norm(x - y) / jnp.linalg.norm(x))
+        assert err < 1e-5, err
+    # and the update did something (the identity is not trivially true)
+    before = lora.split_trainable(from_pretrained(path), "full")[1] if method == "full" else None
+    if before is not None:
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(big)))
+
+
+def test_chunked_loss_equals_full_logits(tmp_path):
+    path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
+    model = from_pretrained(path)
+    batch = rows_with_uneven_supervision()
+    total, count = token_loss_sums(model, batch, None, loss_chunk=8)
+    logits = model(batch["tokens"]).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    np.testing.assert_allclose(float(total), float((ce * batch["weights"]).sum()), rtol=1e-6)
+    assert float(count) == batch["weights"].sum()
+
+
+def test_lora_with_zero_b_is_exactly_the_base(tmp_path):
+    path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
+    tokens = np.arange(40)[None] % 256
+    base = np.asarray(from_pretrained(path)(tokens))
+    model = lora.add_lora(from_pretrained(path), rank=8, alpha=16, targets="all-linear")
+    assert model.layers.q_proj.lora_a.shape == (2, 64, 8) and float(jnp.abs(model.layers.q_proj.lora_a[...]).max()) <= 1 / 8
+    np.testing.assert_array_equal(np.asarray(model(tokens)), base)
+    graphdef, trainable, frozen = lora.split_trainable(model, "lora", "embed_tokens")
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert "embed" in names and "layers/q_proj/lora_a" in names and "layers/q_proj/kernel" not in names
+
+
+def test_lora_targets_and_errors():
+    assert lora.resolve_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert lora.resolve_targets("re:^(gate|up)_") == ["gate_proj", "up_proj"]
+    assert len(lora.resolve_targets("all-linear")) == 7
+    with pytest.raises(JaxtuneError, match=r"unknown module\(s\) \['qproj'\]"):
+        lora.resolve_targets("qproj")
+
+
+def test_auto_lr_arithmetic():
+    lr, text = optim.auto_lr(3e-4, supervised_tokens_per_epoch=400_000, steps=100, epochs=1.0,
+                             pretrained_batch_tokens=4_000_000)
+    assert lr == pytest.approx(3e-4 * (4_000 / 4_000_000) ** 0.5)
+    assert "sqrt(4,000 / 4,000,000)" in text
+
+
+def test_no_decay_on_norms_and_biases():
+    mask = optim.decay_mask({"layers": {"attn_norm": 1, "q_proj": {"kernel": 1, "bias": 1}}, "final_norm": 1, "embed": 1})
+    assert mask == {"layers": {"attn_norm": False, "q_proj": {"kernel": True, "bias": False}}, "final_norm": False,
+                    "embed": True}
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def test_resume_is_exact_and_sigterm_checkpoints(tiny_dir, chat_data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(run_config(tiny_dir, chat_data, straight))
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["steps"] == 6 and (straight / "curves.png").stat().st_size > 10_000
+
+    resumed = tmp_path / "resumed"
+    real_next = loader.Batches.next_step
+
+    def next_step_then_sigterm(self):
+        if self.state["position"] == 4:  # a preemption notice arrives during step 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    monkeypatch.setattr(loader.Batches, "next_step", next_step_then_sigterm)
+    first = train(run_config(tiny_dir, chat_data, resumed))
+    assert first["steps"] == 5 and "SIGTERM received: checkpoint saved at step 5" in first["stopped"]
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())[-1] == 5
+    monkeypatch.setattr(loader.Batches, "next_step", real_next)
+    train(run_config(tiny_dir, chat_data, resumed))  # the same command again: resumes at step 5
+    assert losses(resumed) == losses(straight)  # bitwise, train and eval
+
+
+def test_frozen_base_unchanged_and_single_compile(tiny_dir, chat_data, tmp_path, caplog):
+    import logging
+
+    base = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(from_pretrained(tiny_dir)))}
+    captured = {}
+    real_split = lora.split_trainable
+
+    def keep_frozen(*args, **kwargs):
+        out = real_split(*args, **kwargs)
+        captured["frozen"] = out[2]
+        return out
+
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            import jaxtune.train.loop as loop_module
+
+            loop_module.lora.split_trainable = keep_frozen
+            train(run_config(tiny_dir, chat_data, tmp_path / "w", **{"checkpoint.every_steps": 100}))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        loop_module.lora.split_trainable = real_split
+    for path, var in nnx.to_flat_state(captured["frozen"]):
+        np.testing.assert_array_equal(np.asarray(var[...]), base["/".join(map(str, path))])
+    compiles = [r.getMessage() for r in caplog.records if "train_step" in r.getMessage() and "ompil" in r.getMessage()]
+    assert len([m for m in compiles if m.startswith("Finished XLA compilation")]) == 1, compiles
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+def test_same_losses_on_one_device_and_meshes(tiny_dir, chat_data, tmp_path):
+    results = {}
+    for mesh in [(1, 1, 1), (2, 2, 2), (1, 8, 1)]:
+        workdir = tmp_path / "x".join(map(str, mesh))
+        train(run_config(tiny_dir, chat_data, workdir, **{
+            "train.micro_batch_size": 8, "train.max_steps": 3, "eval.every_steps": 0, "mesh.data": mesh[0],
+            "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2], "method": "full", "checkpoint.every_steps": 100}))
+        results[mesh] = np.array([loss for _, loss, _ in losses(workdir) if loss is not None])
+    for mesh in [(2, 2, 2), (1, 8, 1)]:
+        np.testing.assert_allclose(results[mesh], results[(1, 1, 1)], rtol=1e-5)
+
+
+def test_nan_halts_and_keeps_the_last_good_checkpoint(tiny_dir, chat_data, tmp_path):
+    workdir = tmp_path / "nan"
+    train(run_config(tiny_dir, chat_data, workdir, **{"train.max_steps": 3, "eval.every_steps": 0}))
+    ckpt = workdir / "checkpoints" / "3"
+    before = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    with pytest.raises(JaxtuneError, match=r"the parameters became (nan|inf) at step 4: training stopped. The last "
+                                           r"good checkpoint \(step 3\)"):
+        train(run_config(tiny_dir, chat_data, workdir, **{"train.max_steps": 6, "train.lr": "inf",
+                                                          "eval.every_steps": 0, "checkpoint.every_steps": 1}))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+
+
+def test_unknown_config_key_is_an_error(capsys, tmp_path):
+    from jaxtune.cli import main
+
+    assert main(["train", "configs/quickstart.py", "--config.train.stpes=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stpes" in err and "Traceback" not in err
+    preset = tmp_path / "bad.py"
+    preset.write_text("from jaxtune.config import base_config\n\ndef get_config():\n    c = base_config()\n"
+                      "    c.unlock()\n    c.train.learning_rate = 1.0\n    return c\n")
+    with pytest.raises(JaxtuneError, match=r"unknown config key\(s\) \['train.learning_rate'\]"):
+        config.load(str(preset), [])
+    with pytest.raises(JaxtuneError, match=r"method='lroa': must be one of"):
+        config.load("configs/quickstart.py", ["--config.method=lroa"])
+
+
+def test_every_preset_loads():
+    import glob
+
+    for preset in sorted(glob.glob("configs/*.py")):
+        if not preset.endswith("base.py"):
+            cfg = config.load(preset, [])
+            assert cfg.model.path and cfg.data.train, preset
