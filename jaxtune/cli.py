@@ -84,6 +84,21 @@ def cmd_curves(args):
     print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
 
 
+def cmd_export(args):
+    from jaxtune.export import export
+
+    kind = "adapter" if args.adapter else "merged"
+    result = export(args.workdir, args.out, kind=kind, step=args.step, best=args.best, dtype=args.dtype,
+                    verify=not args.no_verify)
+    print(f"exported {kind} (step {result['step']}) to {result['out']}")
+
+
+def cmd_verify(args):
+    from jaxtune.export import verify_model
+
+    verify_model(args.model, args.dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("curves", help="redraw WORKDIR/curves.png from metrics.jsonl and print the diagnosis")
     p.add_argument("workdir")
     p.set_defaults(func=cmd_curves)
+
+    p = sub.add_parser("export", help="write a run as a merged HF model dir or a PEFT adapter dir, checked by transformers/peft")
+    p.add_argument("workdir")
+    p.add_argument("--out", required=True)
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--merged", action="store_true", help="LoRA folded into the weights (also for full fine-tunes)")
+    kind.add_argument("--adapter", action="store_true", help="PEFT adapter: adapter_config.json + adapter_model.safetensors")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="a saved step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the checkpoint with the best eval loss")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="merged weights' dtype")
+    p.add_argument("--no-verify", action="store_true", help="skip the transformers/peft parity check")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="compare jaxtune's logits with transformers' on a model directory")
+    p.add_argument("model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_verify)
 
     prepare.register_cli(sub)
     clean.register_cli(sub)

@@ -27,6 +27,7 @@ SCHEMA = [
     ("lora.dropout", 0.05, "dropout on the LoRA input during training"),
     ("lora.targets", "all-linear", "'all-linear', HF module names 'q_proj,v_proj', or 're:REGEX'"),
     ("lora.rslora", False, "rank-stabilised scale alpha/sqrt(r)"),
+    ("lora.init_from", "", "start from this PEFT adapter dir (peft/axolotl/unsloth); its r/alpha/targets win"),
     ("lora.modules_to_save", "", "modules trained in full beside LoRA: 'embed_tokens,lm_head' (new syntax/tokens)"),
     ("data.train", "", "training data: comma-separated files (.jsonl/.json/.csv/.parquet), hub names or tfds:NAME"),
     ("data.val", "", "validation data files (comma-separated); empty: hold out data.val_fraction"),

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random HF checkpoints and the real SmolLM2 (built offline, cached)."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -59,3 +61,44 @@ def smollm2_dir():
     from jaxtune import assets
 
     return assets.smollm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama that uses the real SmolLM2 tokenizer and chat template."""
+    out, _ = make_hf_model(tmp_path_factory.mktemp("tiny"), vocab_size=49152, num_key_value_heads=2,
+                           tie_word_embeddings=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    from jaxtune import assets
+
+    records = [json.loads(line) for line in (assets.chitchat() / "train.jsonl").read_text().splitlines()[:120]]
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:100]))
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[100:]))
+    return d
+
+
+def run_config(tiny_dir, chat_data, workdir, **overrides):
+    """A validated training config for a few quick steps of the tiny model on chitchat."""
+    from jaxtune import config
+
+    cfg = config.base_config()
+    values = {"workdir": str(workdir), "model.path": str(tiny_dir), "data.train": str(chat_data / "train.jsonl"),
+              "data.val": str(chat_data / "val.jsonl"), "data.seq_len": 128, "data.overlong": "split",
+              "train.micro_batch_size": 4, "train.max_steps": 6, "train.lr": "1e-3", "train.warmup_steps": 2,
+              "eval.every_steps": 3, "eval.max_batches": 2, "log.every_steps": 1, "log.progress": False,
+              "checkpoint.every_steps": 3, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, **overrides}
+    for key, value in values.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.validate(cfg)
+    return cfg

@@ -1,7 +1,6 @@
 """Training: exact accumulation, exact resume, mesh equivalence, frozen base, NaN halt, SIGTERM, config errors."""
 import json
 import os
-import shutil
 import signal
 
 import jax
@@ -11,50 +10,12 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import make_hf_model
+from conftest import make_hf_model, run_config
 from jaxtune import JaxtuneError, config, from_pretrained, lora
 from jaxtune.data import loader
 from jaxtune.train import optim
 from jaxtune.train.loop import train
 from jaxtune.train.step import make_train_step, token_loss_sums
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama that uses the real SmolLM2 tokenizer and chat template."""
-    out, _ = make_hf_model(tmp_path_factory.mktemp("tiny"), vocab_size=49152, num_key_value_heads=2,
-                           tie_word_embeddings=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        shutil.copy(smollm2_dir / name, out / name)
-    return out
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    from jaxtune import assets
-
-    records = [json.loads(line) for line in (assets.chitchat() / "train.jsonl").read_text().splitlines()[:120]]
-    d = tmp_path_factory.mktemp("data")
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:100]))
-    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[100:]))
-    return d
-
-
-def run_config(tiny_dir, chat_data, workdir, **overrides):
-    cfg = config.base_config()
-    values = {"workdir": str(workdir), "model.path": str(tiny_dir), "data.train": str(chat_data / "train.jsonl"),
-              "data.val": str(chat_data / "val.jsonl"), "data.seq_len": 128, "data.overlong": "split",
-              "train.micro_batch_size": 4, "train.max_steps": 6, "train.lr": "1e-3", "train.warmup_steps": 2,
-              "eval.every_steps": 3, "eval.max_batches": 2, "log.every_steps": 1, "log.progress": False,
-              "checkpoint.every_steps": 3, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, **overrides}
-    for key, value in values.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config.validate(cfg)
-    return cfg
 
 
 def losses(workdir):

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxtune import sharding
+from jaxtune.atomic import write_dir
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import Llama, ModelConfig
 
@@ -284,6 +284,43 @@ def hf_config_dict(model: Llama) -> dict:
     return hf
 
 
+def write_hf_files(model: Llama, out: Path, *, shard_bytes: int = SHARD_BYTES,
+                   tokenizer_from: str | os.PathLike | None = None) -> None:
+    """The files of an HF model directory, written into the existing directory `out`."""
+    out = Path(out)
+    shards, current, size = [], {}, 0
+    for name, array in hf_tensors(model):
+        if current and size + array.nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = np.ascontiguousarray(array)
+        size += array.nbytes
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map = {}
+    for n, tensors in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+    if len(shards) > 1:
+        total = sum(a.nbytes for s in shards for a in s.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf = hf_config_dict(model)
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    source = Path(tokenizer_from or getattr(model, "source_path", "") or out)
+    for fname in TOKENIZER_FILES + ("generation_config.json",):
+        if (source / fname).is_file():
+            shutil.copy2(source / fname, out / fname)
+    if not (out / "generation_config.json").exists():
+        gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+
 def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,
                     tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Write an HF model directory that transformers loads with no missing or unexpected keys.
@@ -291,44 +328,5 @@ def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, shard_bytes: in
     Written to a temporary sibling and renamed, so an interrupted save never leaves half a model.
     Tokenizer and chat-template files are copied from `tokenizer_from` (default: the source dir).
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        shards, current, size = [], {}, 0
-        for name, array in hf_tensors(model):
-            if current and size + array.nbytes > shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = np.ascontiguousarray(array)
-            size += array.nbytes
-            if size >= shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-        if current:
-            shards.append(current)
-        weight_map = {}
-        for n, tensors in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, fname))
-        if len(shards) > 1:
-            total = sum(a.nbytes for s in shards for a in s.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        hf = hf_config_dict(model)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        source = Path(tokenizer_from or getattr(model, "source_path", "") or tmp)
-        for fname in TOKENIZER_FILES + ("generation_config.json",):
-            if (source / fname).is_file():
-                shutil.copy2(source / fname, tmp / fname)
-        if not (tmp / "generation_config.json").exists():
-            gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_dir(out_dir, lambda tmp: write_hf_files(model, tmp, shard_bytes=shard_bytes,
+                                                         tokenizer_from=tokenizer_from))

@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune.errors import JaxtuneError
+
 
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
@@ -42,6 +44,19 @@ class Checkpoints:
                                   meta=ocp.args.JsonRestore())
         restored = manager.restore(step, args=args)
         return restored.trainable, restored.opt_state, restored.meta
+
+    def restore_trainable(self, trainable, step: int | None = None, *, best: bool = False):
+        """Only the trained parameters (for export): no optimizer state needed or read."""
+        manager = self.best if best else self.last
+        steps = manager.all_steps()
+        where = manager.directory
+        if not steps:
+            raise JaxtuneError(f"{where}: no checkpoints; train first (`jaxtune train CONFIG.py`)")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise JaxtuneError(f"{where}: no checkpoint for step {step}; available: {sorted(steps)}")
+        args = ocp.args.Composite(trainable=ocp.args.StandardRestore(abstract_like(trainable)))
+        return manager.restore(step, args=args).trainable, step
 
     def wait(self):
         self.last.wait_until_finished()

@@ -108,9 +108,7 @@ def train(cfg, *, progress=None) -> dict:
     model = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, mesh=mesh)
     model_dir = model.source_path
-    if cfg.method == "lora":
-        lora.add_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                      targets=cfg.lora.targets, rslora=cfg.lora.rslora, seed=cfg.seed)
+    lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable_shardings = sharding.state_shardings(trainable, mesh)
     trainable = jax.device_put(trainable, trainable_shardings)

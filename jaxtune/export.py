@@ -1,0 +1,155 @@
+"""Fine-tunes out of jaxtune: a merged HF model directory or a PEFT adapter, each checked by the
+library that will load it (the parity gate), written to a temporary directory and renamed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jaxtune import lora
+from jaxtune.atomic import write_dir
+from jaxtune.errors import JaxtuneError
+from jaxtune.models.hf import from_pretrained, write_hf_files
+from jaxtune.models.llama import Llama
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[Llama, dict, int]:
+    """The trained model of a workdir (float32, LoRA unmerged), its resolved config and the step."""
+    from jaxtune.train.checkpoint import Checkpoints
+
+    workdir = Path(workdir)
+    cfg_file = workdir / "config.json"
+    if not cfg_file.is_file():
+        raise JaxtuneError(f"{cfg_file}: not found; is {workdir} a jaxtune workdir?")
+    cfg = json.loads(cfg_file.read_text())
+    model = from_pretrained(cfg["model"]["path"], dtype="float32", param_dtype="float32")
+    cfg["lora_effective"] = lora.attach_from_config(model, cfg)
+    graphdef, trainable, frozen = lora.split_trainable(model, cfg["method"], cfg["lora"]["modules_to_save"])
+    checkpoints = Checkpoints(workdir, cfg["checkpoint"]["keep"])
+    try:
+        trainable, step = checkpoints.restore_trainable(trainable, step, best=best)
+    finally:
+        checkpoints.close()
+    return nnx.merge(graphdef, trainable, frozen), cfg, step
+
+
+def sample_tokens(tokenizer_dir, cfg: dict | None, n: int = 3, length: int = 96) -> list[list[int]]:
+    """A few validation samples (or fixed prompts when there is no data) to compare logits on."""
+    from transformers import AutoTokenizer
+
+    from jaxtune.data.formats import Formatter, FormatOptions
+    from jaxtune.data.loader import load_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if cfg:
+        source = (cfg["data"]["val"] or cfg["data"]["train"]).split(",")[0]
+        if source and Path(source).is_file():
+            opts = FormatOptions(cfg["data"]["format"], length, overlong="truncate",
+                                 chat_template=cfg["data"]["chat_template"] or None)
+            data = Formatter(tokenizer, opts).tokenize(load_records(source)[:n])
+            return [data.sample(i)[0].tolist() for i in range(len(data))]
+    prompts = ["The capital of France is", "def fibonacci(n):", "Hello! How are you today?"]
+    return [tokenizer(p)["input_ids"] for p in prompts[:n]]
+
+
+def max_rel_err(expected: list, reference, samples: list[list[int]]) -> float:
+    """Max over samples of ||ours - theirs|| / ||theirs|| on the logits, compared in float64."""
+    import torch
+
+    errs = []
+    for ids, mine in zip(samples, expected):
+        with torch.no_grad():
+            theirs = reference(torch.tensor([ids])).logits.double().numpy()
+        errs.append(float(np.linalg.norm(np.asarray(mine, np.float64) - theirs) / np.linalg.norm(theirs)))
+    return max(errs)
+
+
+def _gate(what: str, err: float, dtype: str, advice: str) -> float:
+    limit = TOLERANCE[dtype]
+    print(f"verify: {what}: logits relative error {err:.2e} (limit {limit:g})")
+    if not err <= limit:
+        raise JaxtuneError(f"{what}: parity check failed, relative error {err:.2e} > {limit:g}; {advice}")
+    return err
+
+
+def export(workdir, out, *, kind: str, step: int | None = None, best: bool = False, dtype: str = "float32",
+           verify: bool = True) -> dict:
+    """Write a merged HF dir (kind='merged') or a PEFT adapter dir (kind='adapter'); check it."""
+    model, cfg, step = load_run(workdir, step=step, best=best)
+    base_dir = cfg["model"]["path"]
+    samples = sample_tokens(base_dir, cfg) if verify else []
+    expected = [np.asarray(model(np.array([ids]))) for ids in samples]  # before merging mutates the model
+    out = Path(out)
+    if kind == "adapter" and cfg["method"] != "lora":
+        raise JaxtuneError("--adapter needs a LoRA run; this one trained every weight (method=full): use --merged")
+    if kind not in ("adapter", "merged"):
+        raise JaxtuneError(f"export kind must be 'merged' or 'adapter', got {kind!r}")
+    result = {"out": str(out), "kind": kind, "step": step, "dtype": dtype}
+
+    def build(tmp: Path):
+        """Write, then check the files where they are: a failed check leaves nothing at `out`."""
+        if kind == "adapter":
+            from safetensors.numpy import save_file
+
+            c, eff = cfg["lora"], cfg["lora_effective"]
+            save_file(lora.adapter_tensors(model, c["modules_to_save"]), str(tmp / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+            config = lora.adapter_config(model, alpha=eff["alpha"], dropout=eff["dropout"], rslora=eff["rslora"],
+                                         modules_to_save=c["modules_to_save"], base_model=base_dir)
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        else:
+            lora.merge_lora(model)
+            _cast(model, dtype)
+            write_hf_files(model, tmp, tokenizer_from=base_dir)
+        if verify:
+            result["parity_rel_err"] = verify_export(tmp, kind, base_dir, samples, expected, dtype, name=out)
+
+    write_dir(out, build)
+    return result
+
+
+def _cast(model: Llama, dtype: str) -> None:
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        var.set_value(var[...].astype(jnp.dtype(dtype)))
+    model.cfg = dataclasses.replace(model.cfg, param_dtype=dtype)
+
+
+def verify_export(out: Path, kind: str, base_dir, samples, expected, dtype: str, name=None) -> float:
+    """Load the export with transformers (and peft) and compare logits; fail above the tolerance."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("verify: torch/transformers not installed; skipped (pip install 'jaxtune[test]')")
+        return float("nan")
+    if kind == "merged":
+        reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        reference = PeftModel.from_pretrained(base, out).eval()
+    return _gate(f"{name or out} ({kind}, loaded by {'peft' if kind == 'adapter' else 'transformers'})",
+                 max_rel_err(expected, reference, samples), dtype,
+                 "the export does not reproduce the trained model; keep the checkpoint and report this")
+
+
+def verify_model(model_dir, dtype="float32") -> float:
+    """`jaxtune verify MODEL_DIR`: jaxtune's logits against transformers' on the same directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ours = from_pretrained(model_dir, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).float().eval()
+    samples = sample_tokens(model_dir, None)
+    expected = [np.asarray(ours(np.array([ids])), np.float32) for ids in samples]
+    return _gate(f"{model_dir} (jaxtune vs transformers)", max_rel_err(expected, reference, samples), dtype,
+                 "jaxtune does not compute this checkpoint as transformers does; please report it")
