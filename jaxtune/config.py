@@ -22,6 +22,7 @@ SCHEMA = [
     ("model.dtype", "float32", "compute dtype: float32 | bfloat16"),
     ("model.param_dtype", "float32", "storage dtype of the (frozen) weights: float32 | bfloat16"),
     ("model.remat", "none", "activation recomputation per layer: none | dots | full"),
+    ("model.verify", False, "before training, check jaxtune's logits against transformers on this model (needs torch)"),
     ("lora.rank", 16, "LoRA rank r"),
     ("lora.alpha", 32.0, "LoRA alpha; scale = alpha/r (alpha/sqrt(r) with rslora)"),
     ("lora.dropout", 0.05, "dropout on the LoRA input during training"),

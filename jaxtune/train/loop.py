@@ -105,6 +105,10 @@ def train(cfg, *, progress=None) -> dict:
     if cfg.train.micro_batch_size % batch_ways:
         raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
                            f"mesh data x fsdp = {batch_ways}")
+    if cfg.model.verify:
+        from jaxtune.export import verify_model
+
+        verify_model(cfg.model.path)
     model = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, mesh=mesh)
     model_dir = model.source_path
