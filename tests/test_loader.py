@@ -91,13 +91,15 @@ def test_tokenization_cache_is_keyed_by_content(tmp_path, smollm2_dir, monkeypat
 def test_validation_split_is_deterministic_and_disjoint():
     lengths = np.arange(1, 21)
     data = Tokenized(np.arange(lengths.sum(), dtype=np.int32), np.ones(lengths.sum(), np.uint8),
-                     np.concatenate([[0], np.cumsum(lengths)]))
+                     np.concatenate([[0], np.cumsum(lengths)]), turn_ends_unlabelled=2, truncated=3)
     train, val = loader.split_validation(data, 0.2, seed=3)
     train2, val2 = loader.split_validation(data, 0.2, seed=3)
     assert len(val) == 4 and len(train) == 16
     np.testing.assert_array_equal(val.ids, val2.ids)
     assert set(train.ids.tolist()).isdisjoint(val.ids.tolist())
     assert len(train.ids) + len(val.ids) == len(data.ids)
+    # the preflight counters survive the split on the side that is checked
+    assert (train.turn_ends_unlabelled, train.truncated) == (2, 3)
 
 
 def test_batches_deterministic_and_resumable():

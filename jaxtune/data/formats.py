@@ -53,6 +53,18 @@ class Tokenized:
     dropped: int = 0
     split: int = 0
 
+    COUNTERS = ("turn_ends_unlabelled", "truncated", "dropped", "split")
+
+    @classmethod
+    def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]], **counters) -> "Tokenized":
+        lengths = np.array([len(ids) for ids, _ in samples], np.int64)
+        ids = np.concatenate([s[0] for s in samples]) if samples else np.zeros(0, np.int32)
+        weights = np.concatenate([s[1] for s in samples]) if samples else np.zeros(0, np.uint8)
+        return cls(ids.astype(np.int32), weights.astype(np.uint8), np.concatenate([[0], np.cumsum(lengths)]), **counters)
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name in self.COUNTERS}
+
     def __len__(self):
         return len(self.offsets) - 1
 
@@ -215,11 +227,8 @@ class Formatter:
             else:
                 split += 1
                 out.extend((ids[i:i + T], weights[i:i + T]) for i in range(0, len(ids), T) if weights[i:i + T].any())
-        lengths = np.array([len(ids) for ids, _ in out], np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        ids = np.concatenate([s[0] for s in out]) if out else np.zeros(0, np.int32)
-        weights = np.concatenate([s[1] for s in out]) if out else np.zeros(0, np.uint8)
-        return Tokenized(ids.astype(np.int32), weights.astype(np.uint8), offsets, unlabelled, truncated, dropped, split)
+        return Tokenized.from_samples(out, turn_ends_unlabelled=unlabelled, truncated=truncated, dropped=dropped,
+                                      split=split)
 
     def _unlabelled_turn_ends(self, ids, weights, assistant_turns: int) -> int:
         """Assistant turns whose end-of-turn token is not a target. Each supervised run of tokens is

@@ -92,8 +92,7 @@ def _concat(parts: list[Tokenized]) -> Tokenized:
         offsets.append(p.offsets[1:] + total)
         total += p.offsets[-1]
     return Tokenized(np.concatenate([p.ids for p in parts]), np.concatenate([p.weights for p in parts]),
-                     np.concatenate(offsets), *(sum(getattr(p, f) for p in parts)
-                                                for f in ("turn_ends_unlabelled", "truncated", "dropped", "split")))
+                     np.concatenate(offsets), **{f: sum(getattr(p, f) for p in parts) for f in Tokenized.COUNTERS})
 
 
 def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions, *,
@@ -108,35 +107,30 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
     cache = Path(cache_dir or default_cache() / "tokenized") / f"{_fingerprint(sources, tokenizer_dir, opts)}.npz"
     if cache.is_file():
         z = np.load(cache)
-        return Tokenized(z["ids"], z["weights"], z["offsets"], *(int(z[f]) for f in
-                                                                 ("turn_ends_unlabelled", "truncated", "dropped", "split")))
+        return Tokenized(z["ids"], z["weights"], z["offsets"], **{f: int(z[f]) for f in Tokenized.COUNTERS})
     formatter = Formatter(_load_tokenizer(tokenizer_dir), opts)
     parts = [formatter.tokenize(load_records(src), src) for src in sources]
-    data = _concat(parts) if parts else Tokenized(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(1, np.int64))
+    data = _concat(parts) if parts else Tokenized.from_samples([])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, ids=data.ids, weights=data.weights, offsets=data.offsets,
-             **{f: getattr(data, f) for f in ("turn_ends_unlabelled", "truncated", "dropped", "split")})
+             **data.counters())
     os.replace(tmp, cache)
     return data
 
 
 def split_validation(data: Tokenized, fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
-    """Hold out a deterministic `fraction` of samples (at least one) for validation."""
+    """Hold out a deterministic `fraction` of samples (at least one) for validation.
+
+    The training part keeps the source's counters (truncated, unlabelled turn ends, ...): they
+    describe the data as a whole, and the preflight check must see them."""
     n = len(data)
     n_val = max(1, int(round(n * fraction))) if fraction > 0 else 0
     if n_val >= n:
         raise JaxtuneError(f"data.val_fraction={fraction} leaves no training samples out of {n}")
     order = np.random.default_rng(seed).permutation(n)
-    return _subset(data, np.sort(order[n_val:])), _subset(data, np.sort(order[:n_val]))
-
-
-def _subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
-    parts = [data.sample(i) for i in idx]
-    lengths = np.array([len(p[0]) for p in parts], np.int64)
-    return Tokenized(np.concatenate([p[0] for p in parts]) if parts else data.ids[:0],
-                     np.concatenate([p[1] for p in parts]) if parts else data.weights[:0],
-                     np.concatenate([[0], np.cumsum(lengths)]))
+    train = Tokenized.from_samples([data.sample(i) for i in np.sort(order[n_val:])], **data.counters())
+    return train, Tokenized.from_samples([data.sample(i) for i in np.sort(order[:n_val])])
 
 
 @dataclasses.dataclass
