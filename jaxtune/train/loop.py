@@ -24,7 +24,7 @@ from jaxtune.config import split_list
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import from_pretrained
+from jaxtune.models.hf import from_pretrained, resolve_model_path
 from jaxtune.train import curves, optim
 from jaxtune.train.checkpoint import Checkpoints
 from jaxtune.train.step import make_eval_step, make_train_step
@@ -99,6 +99,20 @@ def train(cfg, *, progress=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     show = cfg.log.progress if progress is None else progress
 
+    # --- data: preflight before anything (a big model) loads ------------------------------------
+    from transformers import AutoTokenizer
+
+    model_dir = str(resolve_model_path(cfg.model.path))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    opts = FormatOptions(cfg.data.format, cfg.data.seq_len, cfg.data.train_on_inputs, cfg.data.overlong,
+                         cfg.data.chat_template or None)
+    data = loader.build(split_list(cfg.data.train), model_dir, opts, val_sources=split_list(cfg.data.val),
+                        val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    print(f"train data:\n{data.train_report.text()}")
+    if data.val_report is not None:
+        print(f"validation data:\n{data.val_report.text()}")
+    data.train_report.check()
+
     # --- mesh and model ----------------------------------------------------------------------------
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -108,10 +122,9 @@ def train(cfg, *, progress=None) -> dict:
     if cfg.model.verify:
         from jaxtune.export import verify_model
 
-        verify_model(cfg.model.path)
-    model = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+        verify_model(model_dir)
+    model = from_pretrained(model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, mesh=mesh)
-    model_dir = model.source_path
     lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable_shardings = sharding.state_shardings(trainable, mesh)
@@ -122,18 +135,6 @@ def train(cfg, *, progress=None) -> dict:
     print(f"model {model_dir}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
           f"({cfg.method}), mesh {dict(mesh.shape)}")
 
-    # --- data: preflight before anything trains -----------------------------------------------------
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    opts = FormatOptions(cfg.data.format, cfg.data.seq_len, cfg.data.train_on_inputs, cfg.data.overlong,
-                         cfg.data.chat_template or None)
-    data = loader.build(split_list(cfg.data.train), model_dir, opts, val_sources=split_list(cfg.data.val),
-                        val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-    print(f"train data:\n{data.train_report.text()}")
-    if data.val_report is not None:
-        print(f"validation data:\n{data.val_report.text()}")
-    data.train_report.check()
     k = cfg.train.grad_accum_steps
     rows_per_update = cfg.train.micro_batch_size * k
     batches = loader.Batches(data.train, rows_per_update, seed=cfg.seed)
