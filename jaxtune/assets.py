@@ -66,8 +66,9 @@ def smollm2() -> Path:
             raise JaxtuneError(f"building the SmolLM2 asset needs torch and gguf: pip install 'jaxtune[test]' ({e})")
         gguf = _smollm2_gguf()
         print(f"converting {gguf.name} to a Hugging Face directory (once) ...", file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         # The GGUF weights are dequantized to float32 on load; the result is an ordinary checkpoint.
         del model.config.quantization_config
         model.hf_quantizer = None
@@ -75,7 +76,7 @@ def smollm2() -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return write_dir(cache_dir() / "smollm2-135m-instruct", build, replace=False)
+    return write_dir(cache_dir() / "smollm2-135m-instruct", build, kind="asset", keep_existing=True)
 
 
 def chitchat_conversations(source: Path | None = None) -> list[dict]:
@@ -125,7 +126,7 @@ def chitchat() -> Path:
             for n, record in enumerate(records):
                 (val_f if n in val else train_f).write(json.dumps(record) + "\n")
 
-    return write_dir(cache_dir() / "chitchat", build, replace=False)
+    return write_dir(cache_dir() / "chitchat", build, kind="asset", keep_existing=True)
 
 
 ASSETS = {"smollm2": smollm2, "chitchat": chitchat}

@@ -1,29 +1,93 @@
-"""Directories that appear whole or not at all: built in a temporary sibling, then renamed."""
+"""Files and directories that appear whole or not at all, and never replace what jaxtune did not write.
+
+A directory is built in a temporary sibling and renamed into place. It carries a marker file
+(`jaxtune_export.json`, saying what kind of directory it is), and only a directory with the same
+marker — or an empty one — is ever replaced, and only when the caller says so: a user's `--out`
+that names a run, a model or a folder of their own files is refused, never deleted.
+"""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from jaxtune.errors import JaxtuneError
 
-def write_dir(target: str | os.PathLike, build, *, replace: bool = True) -> Path:
-    """Call build(tmp_dir), then rename tmp_dir to `target` (replacing an old one if `replace`, else
-    keeping it and skipping the build). A crash or error leaves `target` as it was."""
+MARKER = "jaxtune_export.json"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small file through a temporary sibling: a crash leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind recorded by jaxtune in `directory`, or None when jaxtune did not write it."""
+    try:
+        return json.loads((directory / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_replaceable(target: str | os.PathLike, kind: str, *, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Refuse a target that holds anything but an earlier jaxtune directory of the same `kind`
+    (or nothing), and an earlier one unless `overwrite`; `flag` is how the user says so."""
     target = Path(target)
-    if target.is_dir() and not replace:
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise JaxtuneError(f"{target}: exists and is not a directory; choose another output path")
+    if not any(target.iterdir()):
+        return
+    found = marker_kind(target)
+    if found != kind:
+        what = f"a jaxtune {found} directory" if found else "a directory jaxtune did not write"
+        raise JaxtuneError(f"{target}: already exists and is {what}, not a {kind} export; jaxtune replaces only its "
+                           f"own exports of the same kind: choose a new output path")
+    if not overwrite:
+        raise JaxtuneError(f"{target}: already holds a jaxtune {kind} export; pass {flag} to replace it")
+
+
+def write_dir(target: str | os.PathLike, build, *, kind: str, overwrite: bool = False, keep_existing: bool = False,
+              flag: str = "overwrite=True") -> Path:
+    """Call build(tmp_dir), mark it as `kind` and rename it to `target`. An existing target is kept
+    untouched (`keep_existing`, e.g. a cache) or replaced only as `check_replaceable` allows.
+    A crash or error at any point leaves `target` as it was."""
+    target = Path(target)
+    if keep_existing and target.is_dir():
         return target
+    check_replaceable(target, kind, overwrite=overwrite, flag=flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = None
     try:
         build(tmp)
+        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the result from other users (e.g. a server)
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # checked above: empty, or our own export of this kind
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
         os.replace(tmp, target)
     except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old / target.name, target)  # put the previous export back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return target

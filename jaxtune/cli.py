@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 from jaxtune.data import clean, prepare
 from jaxtune.data.formats import FORMATS, OVERLONG
 from jaxtune.errors import JaxtuneError
+
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; the same command resumes
 
 
 def cmd_assets(args):
@@ -18,14 +21,12 @@ def cmd_assets(args):
 
 
 def cmd_generate(args):
-    from transformers import AutoTokenizer
-
     from jaxtune.generate import generate, prompt_ids, stop_token_ids
-    from jaxtune.models.hf import from_pretrained, resolve_model_path
+    from jaxtune.models.hf import from_pretrained, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
     model = from_pretrained(path, dtype=args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     stops = stop_token_ids(tokenizer, path)
     start = time.perf_counter()
@@ -37,12 +38,10 @@ def cmd_generate(args):
 
 
 def cmd_preflight(args):
-    from transformers import AutoTokenizer
-
     from jaxtune.data import loader
     from jaxtune.data.formats import FormatOptions
     from jaxtune.data.preflight import debug_view
-    from jaxtune.models.hf import resolve_model_path
+    from jaxtune.models.hf import load_tokenizer, resolve_model_path
 
     tokenizer_dir = str(resolve_model_path(args.model))
     opts = FormatOptions(args.format, args.seq_len, args.train_on_inputs, args.overlong, args.chat_template)
@@ -50,7 +49,7 @@ def cmd_preflight(args):
     print(f"train data ({', '.join(args.data)}):\n{data.train_report.text()}")
     if data.val_report is not None:
         print(f"validation data:\n{data.val_report.text()}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     for i in range(min(args.show, len(data.train_tokenized))):
         print(f"\nsample {i} ('+' = target, '-' = masked):\n{debug_view(tokenizer, *data.train_tokenized.sample(i))}")
     data.train_report.check()
@@ -61,7 +60,8 @@ def cmd_train(args):
     from jaxtune import config
     from jaxtune.train.loop import train
 
-    train(config.load(args.config, args.overrides))
+    summary = train(config.load(args.config, args.overrides))
+    return EXIT_RESUMABLE if summary.get("stopped_by_signal") else 0
 
 
 def cmd_keys(_args):
@@ -78,9 +78,13 @@ def cmd_curves(args):
     metrics = curves.read_metrics(Path(args.workdir))
     if not metrics:
         raise JaxtuneError(f"{args.workdir}/metrics.jsonl: missing or empty; is this a jaxtune workdir?")
-    print(curves.plot(Path(args.workdir), metrics))
-    verdict = curves.diagnose([(m["step"], m["loss"]) for m in metrics if "loss" in m],
-                              [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m])
+    vocab_size = None
+    try:  # the collapse diagnosis compares the loss with ln(vocab)
+        vocab_size = json.loads((Path(args.workdir) / "config.json").read_text())["resolved"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(curves.plot(Path(args.workdir), metrics, vocab_size))
+    verdict = curves.diagnose_metrics(metrics, vocab_size)
     print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
 
 
@@ -89,7 +93,7 @@ def cmd_export(args):
 
     kind = "adapter" if args.adapter else "merged"
     result = export(args.workdir, args.out, kind=kind, step=args.step, best=args.best, dtype=args.dtype,
-                    verify=not args.no_verify)
+                    verify=not args.no_verify, overwrite=args.overwrite)
     print(f"exported {kind} (step {result['step']}) to {result['out']}")
 
 
@@ -154,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--best", action="store_true", help="the checkpoint with the best eval loss")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="merged weights' dtype")
     p.add_argument("--no-verify", action="store_true", help="skip the transformers/peft parity check")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier jaxtune export of the same kind (nothing else is ever replaced)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="compare jaxtune's logits with transformers' on a model directory")
@@ -167,16 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 bad input or a stopped run (the message says why); 75 stopped by a
+    signal with a checkpoint saved, re-run to resume; 130 interrupted before training began; 1 a bug."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except JaxtuneError as e:
         print(f"jaxtune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxtune {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import lora
-from jaxtune.atomic import write_dir
+from jaxtune.atomic import check_replaceable, write_dir
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import from_pretrained, write_hf_files
+from jaxtune.models.hf import HF_MODEL_KIND, from_pretrained, load_tokenizer, refuse_custom_code, write_hf_files
 from jaxtune.models.llama import Llama
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+EXPORT_KINDS = {"merged": HF_MODEL_KIND, "adapter": "peft-adapter"}  # --merged/--adapter -> marker kind
 
 
 def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[Llama, dict, int]:
@@ -22,10 +23,7 @@ def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[L
     from jaxtune.train.checkpoint import Checkpoints
 
     workdir = Path(workdir)
-    cfg_file = workdir / "config.json"
-    if not cfg_file.is_file():
-        raise JaxtuneError(f"{cfg_file}: not found; is {workdir} a jaxtune workdir?")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_run_config(workdir)
     model = from_pretrained(cfg["model"]["path"], dtype="float32", param_dtype="float32")
     cfg["lora_effective"] = lora.attach_from_config(model, cfg)
     graphdef, trainable, frozen = lora.split_trainable(model, cfg["method"], cfg["lora"]["modules_to_save"])
@@ -37,14 +35,22 @@ def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[L
     return nnx.merge(graphdef, trainable, frozen), cfg, step
 
 
+def read_run_config(workdir: Path) -> dict:
+    cfg_file = workdir / "config.json"
+    if not cfg_file.is_file():
+        raise JaxtuneError(f"{cfg_file}: not found; is {workdir} a jaxtune workdir?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise JaxtuneError(f"{cfg_file}: not valid JSON ({e}); is {workdir} a jaxtune workdir?") from None
+
+
 def sample_tokens(tokenizer_dir, cfg: dict | None, n: int = 3, length: int = 96) -> list[list[int]]:
     """A few validation samples (or fixed prompts when there is no data) to compare logits on."""
-    from transformers import AutoTokenizer
-
     from jaxtune.data.formats import Formatter, FormatOptions
     from jaxtune.data.loader import load_records
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if cfg:
         source = (cfg["data"]["val"] or cfg["data"]["train"]).split(",")[0]
         if source and Path(source).is_file():
@@ -76,18 +82,31 @@ def _gate(what: str, err: float, dtype: str, advice: str) -> float:
     return err
 
 
+def check_out(out: Path, kind: str, workdir: Path, cfg: dict, overwrite: bool) -> None:
+    """Before any work: `out` may not hold (or contain) the run or its base model, and may replace
+    only an earlier export of the same kind, when the user says --overwrite."""
+    resolved = out.resolve()
+    for what, path in (("the run's workdir", workdir), ("the run's base model", Path(cfg["model"]["path"]))):
+        if resolved == path.resolve() or resolved in path.resolve().parents:
+            raise JaxtuneError(f"--out {out}: is (or contains) {what} {path}; choose a new directory")
+    check_replaceable(out, EXPORT_KINDS[kind], overwrite=overwrite, flag="--overwrite")
+
+
 def export(workdir, out, *, kind: str, step: int | None = None, best: bool = False, dtype: str = "float32",
-           verify: bool = True) -> dict:
-    """Write a merged HF dir (kind='merged') or a PEFT adapter dir (kind='adapter'); check it."""
+           verify: bool = True, overwrite: bool = False) -> dict:
+    """Write a merged HF dir (kind='merged') or a PEFT adapter dir (kind='adapter'); check it.
+    An existing `out` is replaced only if it is an earlier export of the same kind and `overwrite`."""
+    if kind not in EXPORT_KINDS:
+        raise JaxtuneError(f"export kind must be 'merged' or 'adapter', got {kind!r}")
+    out, workdir = Path(out), Path(workdir)
+    cfg = read_run_config(workdir)
+    check_out(out, kind, workdir, cfg, overwrite)
+    if kind == "adapter" and cfg["method"] != "lora":
+        raise JaxtuneError("--adapter needs a LoRA run; this one trained every weight (method=full): use --merged")
     model, cfg, step = load_run(workdir, step=step, best=best)
     base_dir = cfg["model"]["path"]
     samples = sample_tokens(base_dir, cfg) if verify else []
     expected = [np.asarray(model(np.array([ids]))) for ids in samples]  # before merging mutates the model
-    out = Path(out)
-    if kind == "adapter" and cfg["method"] != "lora":
-        raise JaxtuneError("--adapter needs a LoRA run; this one trained every weight (method=full): use --merged")
-    if kind not in ("adapter", "merged"):
-        raise JaxtuneError(f"export kind must be 'merged' or 'adapter', got {kind!r}")
     result = {"out": str(out), "kind": kind, "step": step, "dtype": dtype}
 
     def build(tmp: Path):
@@ -108,7 +127,7 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
         if verify:
             result["parity_rel_err"] = verify_export(tmp, kind, base_dir, samples, expected, dtype, name=out)
 
-    write_dir(out, build)
+    write_dir(out, build, kind=EXPORT_KINDS[kind], overwrite=overwrite, flag="--overwrite")
     return result
 
 
@@ -131,11 +150,11 @@ def verify_export(out: Path, kind: str, base_dir, samples, expected, dtype: str,
         print("verify: torch/transformers not installed; skipped (pip install 'jaxtune[test]')")
         return float("nan")
     if kind == "merged":
-        reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).eval()
     else:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=False)
         reference = PeftModel.from_pretrained(base, out).eval()
     return _gate(f"{name or out} ({kind}, loaded by {'peft' if kind == 'adapter' else 'transformers'})",
                  max_rel_err(expected, reference, samples), dtype,
@@ -148,7 +167,8 @@ def verify_model(model_dir, dtype="float32") -> float:
     from transformers import AutoModelForCausalLM
 
     ours = from_pretrained(model_dir, dtype=dtype)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).float().eval()
+    reference = AutoModelForCausalLM.from_pretrained(refuse_custom_code(Path(model_dir)), dtype=getattr(torch, dtype),
+                                                     trust_remote_code=False).float().eval()
     samples = sample_tokens(model_dir, None)
     expected = [np.asarray(ours(np.array([ids])), np.float32) for ids in samples]
     return _gate(f"{model_dir} (jaxtune vs transformers)", max_rel_err(expected, reference, samples), dtype,

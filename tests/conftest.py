@@ -102,3 +102,23 @@ def run_config(tiny_dir, chat_data, workdir, **overrides):
         node[leaf] = value
     config.validate(cfg)
     return cfg
+
+
+def write_config_file(path, cfg):
+    """A config file for `jaxtune train` that returns exactly `cfg` (a validated ConfigDict)."""
+    from jaxtune.config import flatten
+
+    values = json.dumps(json.dumps(flatten(cfg.to_dict())))
+    path.write_text("import json\nfrom jaxtune.config import base_config\n\n\ndef get_config():\n"
+                    f"    cfg = base_config()\n    cfg.update_from_flattened_dict(json.loads({values}))\n    return cfg\n")
+    return path
+
+
+def jaxtune_cli(*args, **kwargs):
+    """Start `jaxtune ARGS` as a separate process (as a user runs it): a subprocess.Popen."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "jaxtune.cli", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)

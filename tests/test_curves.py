@@ -44,3 +44,24 @@ def test_plot_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "diagnosis: well-fit" in out and (tmp_path / "curves.png").stat().st_size > 10_000
     assert main(["curves", str(tmp_path / "nothing")]) == 2
+
+
+def test_learning_rate_collapse_is_too_high_not_underfit(tmp_path, capsys):
+    """Loss pinned at ln(vocab) with vanishing gradients after a good start: the learning rate blew the
+    model to a uniform guess. Plain 'underfit' would tell the user to raise it."""
+    from jaxtune.cli import main
+
+    vocab = 49152
+    losses = np.concatenate([[3.2, 2.9, 2.7], np.full(20, np.log(vocab)) + 1e-4 * np.arange(20)])
+    norms = [1.0, 2.0, 40.0] + [0.0] * 20
+    assert curves.diagnose(series(losses), [])["diagnosis"] == "underfit"  # what it said before
+    verdict = curves.diagnose(series(losses), [], grad_norms=norms, vocab_size=vocab)
+    assert verdict["diagnosis"] == "collapsed" and "too high" in verdict["reason"]
+    healthy = curves.diagnose(series(losses), [], grad_norms=[1.0] * len(losses), vocab_size=vocab)
+    assert healthy["diagnosis"] != "collapsed"  # a model at chance that still learns is not collapsed
+
+    events = [{"step": s, "loss": v, "grad_norm": g} for (s, v), g in zip(series(losses), norms)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "config.json").write_text(json.dumps({"resolved": {"vocab_size": vocab}}))
+    assert main(["curves", str(tmp_path)]) == 0
+    assert "diagnosis: collapsed" in capsys.readouterr().out

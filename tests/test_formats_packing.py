@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from jaxtune import JaxtuneError
 from jaxtune.data import packing
-from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
+from jaxtune.data.formats import CHATML, Formatter, FormatOptions, Tokenized
 from jaxtune.data.preflight import DataReport, debug_view
 
 
@@ -69,11 +69,54 @@ def test_overlong_policies(tokenizer):
 
 
 def test_missing_field_names_field_and_record(tokenizer):
-    with pytest.raises(JaxtuneError, match=r"train.jsonl record 1: missing field 'output'"):
+    with pytest.raises(JaxtuneError, match=r"train.jsonl record 2: missing field 'output'"):
         Formatter(tokenizer, FormatOptions("alpaca")).tokenize(
             [{"instruction": "a", "output": "b"}, {"instruction": "c"}], "train.jsonl")
     with pytest.raises(JaxtuneError, match=r"needs 'messages'"):
         Formatter(tokenizer, FormatOptions("chat")).tokenize([{"text": "x"}])
+
+
+@pytest.mark.parametrize("fmt, record, message", [
+    ("chat", {"messages": [*CONVO["messages"][:2], {"role": "user", "content": None}]},
+     "messages[2].content is null, expected a string"),
+    ("chat", {"messages": [{"role": "user", "content": 42}]}, "messages[0].content is 42, expected a string"),
+    ("chat", {"messages": [{"role": 1, "content": "hi"}]}, "messages[0].role is 1, expected a string"),
+    ("chat", {"messages": ["hi"]}, "messages[0] is \"hi\", expected an object with 'role' and 'content'"),
+    ("chat", {"messages": "hi"}, "messages is \"hi\", expected a list of messages"),
+    ("chat", {"conversations": [{"from": "human", "value": None}]}, "conversations[0].value is null"),
+    ("chat", {"conversations": [{"from": "robot", "value": "hi"}]},
+     'conversations[0].from is "robot", expected one of'),
+    ("alpaca", {"instruction": "Add.", "output": 5}, "output is 5, expected a string"),
+    ("completion", {"text": None}, "text is null, expected a string"),
+])
+def test_bad_field_types_name_record_and_field(tokenizer, fmt, record, message):
+    with pytest.raises(JaxtuneError) as e:
+        Formatter(tokenizer, FormatOptions(fmt)).tokenize(
+            [{"text": "ok", "instruction": "Say hi.", "output": "hi", **CONVO}, record], "d.jsonl",
+            ["d.jsonl:1", "d.jsonl:3"])
+    assert str(e.value).startswith(f"d.jsonl:3: {message}") and "\n" not in str(e.value)
+
+
+def test_template_syntax_error_names_where_it_came_from(tokenizer):
+    with pytest.raises(JaxtuneError) as e:
+        Formatter(tokenizer, FormatOptions("chat", chat_template="{% for m in messages %}\n{{ m['content'] }"))
+    assert str(e.value).startswith("data.chat_template (--chat-template) is not valid Jinja: template line 2: "
+                                   "unexpected '}'")
+
+    class BrokenTemplate:
+        eos_token_id, name_or_path, chat_template = 2, "models/broken", "{% for m in messages %}{{ m }}"
+
+    with pytest.raises(JaxtuneError, match=r"^the chat template of the tokenizer in models/broken is not valid "
+                                           r"Jinja: template line 1: Unexpected end of template.*'endfor'"):
+        Formatter(BrokenTemplate(), FormatOptions("chat"))
+
+
+def test_template_raise_exception_names_the_record(tokenizer):
+    template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first turn must be from the user') }}"
+                "{% endif %}") + CHATML
+    with pytest.raises(JaxtuneError, match=r"^d.jsonl record 2: chat template: the first turn must be from the user"):
+        Formatter(tokenizer, FormatOptions("chat", chat_template=template)).tokenize(
+            [CONVO, {"messages": CONVO["messages"][1:]}], "d.jsonl")
 
 
 def test_template_that_masks_end_of_turn_fails_preflight(tokenizer):

@@ -40,6 +40,50 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         loader.load_records(str(path))
 
 
+def test_bad_line_advice_fits_training(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(JaxtuneError) as e:
+        loader.load_records(str(path))
+    assert str(e.value) == (f"{path}:2: expected an object, got [1, 2]; fix or remove the line, or run "
+                            f"`jaxtune prepare {path} --skip-bad-rows --out CLEAN.jsonl` to write a copy without them")
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+NULL_CONTENT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]}
+
+
+def test_data_errors_name_the_line_or_item_and_field(tmp_path, smollm2_dir):
+    opts = FormatOptions("chat", seq_len=64)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps(CHAT) + "\n\n" + json.dumps(NULL_CONTENT) + "\n")  # the bad record is on line 3
+    with pytest.raises(JaxtuneError, match=rf"^{jsonl}:3: messages\[1\]\.content is null, expected a string"):
+        loader.tokenize_sources([str(jsonl)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
+    items = tmp_path / "d.json"
+    items.write_text(json.dumps([CHAT, {"text": "no messages"}]))
+    with pytest.raises(JaxtuneError, match=rf"^{items} item 2: a chat record needs 'messages'"):
+        loader.tokenize_sources([str(items)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
+
+
+def test_preflight_errors_are_one_line(tmp_path, smollm2_dir, capsys, monkeypatch):
+    from jaxtune.cli import main
+
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", [CHAT, NULL_CONTENT])
+    broken = tmp_path / "broken_template"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((smollm2_dir / name).read_bytes())
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    for model, expected in [(smollm2_dir, f"{data}:2: messages[1].content is null, expected a string"),
+                            (broken, f"the chat template of the tokenizer in {broken} is not valid Jinja: "
+                                     f"template line 2: unexpected '}}'")]:
+        assert main(["preflight", str(data), "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().split("\n")) <= 3
+        assert err.startswith(f"jaxtune preflight: error: {expected}"), err
+
+
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(JaxtuneError, match="no such data file"):
         loader.load_records(str(tmp_path / "nope.jsonl.csv"))
@@ -75,7 +119,7 @@ def test_tokenization_cache_is_keyed_by_content(tmp_path, smollm2_dir, monkeypat
     def no_reading(_):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(loader, "load_records", no_reading)
+    monkeypatch.setattr(loader, "load_located", no_reading)
     start = time.perf_counter()
     again = loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
     assert time.perf_counter() - start < 1.0

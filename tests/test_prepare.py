@@ -204,3 +204,67 @@ def test_cli_prepare_with_mapping_and_cleaning(tmp_path, capsys):
 
     with pytest.raises(JaxtuneError, match="--map 'instruction': expected FIELD=COLUMN"):
         cli(["prepare", str(RAW / "qa.csv"), "--out", str(out), "--map", "instruction"])
+
+
+def test_sql_adjacent_string_literals_are_one_string(tmp_path):
+    mysql = tmp_path / "my.sql"  # backticks: MySQL, where "..." is a string too
+    mysql.write_text("INSERT INTO `t` (`q`, `a`) VALUES ('abc' 'def', 'one'\n  'line'), (_utf8mb4'x' \"y\", 'z');\n")
+    assert read(mysql)[0] == [{"q": "abcdef", "a": "oneline"}, {"q": "xy", "a": "z"}]
+    standard = tmp_path / "pg.sql"
+    standard.write_text("INSERT INTO t (q) VALUES ('it''s'\n' fine');\n")
+    assert read(standard)[0] == [{"q": "it's fine"}]
+
+
+def test_sql_statements_that_cannot_be_read_are_counted(tmp_path):
+    dump = tmp_path / "mixed.sql"
+    dump.write_text("CREATE TABLE qa (q TEXT, a TEXT);\n"
+                    "INSERT INTO qa (q, a) VALUES ('one', 'two');\n"
+                    "UPDATE qa SET a = 'three' WHERE q = 'one';\n"
+                    "INSERT INTO qa (q, a) SELECT q, a FROM old_qa;\n"
+                    "COPY qa (q, a) FROM stdin;\nfour\tfive\n\\.\n"
+                    "INSERT INTO qa (q, a) VALUES ('six', 'seven');\n"  # swallowed by the COPY data above
+                    "INSERT INTO qa (q, a) VALUES ('eight', 'nine') oops ('ten', 'eleven');\n")
+    records, stats = read(dump)
+    assert records == [{"q": "one", "a": "two"}, {"q": "eight", "a": "nine"}]
+    assert stats.skipped == {"UPDATE statement": 1, "INSERT without INTO ... VALUES": 1, "COPY statement": 1,
+                             "unreadable statement": 1, "unreadable rest of INSERT": 1}
+    assert stats.rows_in == len(records) + sum(stats.skipped.values())
+    assert stats.first_skipped == f"{dump}:3: UPDATE statement"
+    pg = tmp_path / "pg17.sql"  # recent pg_dump wraps the dump in psql's \restrict ... \unrestrict
+    pg.write_text("\\restrict Zx9\n\nSET statement_timeout = 0;\nCREATE TABLE public.qa (q text);\n"
+                  "INSERT INTO public.qa (q) VALUES ('hi');\n\\unrestrict Zx9\n")
+    assert read(pg) == ([{"q": "hi"}], Stats(rows_in=1))
+
+
+@pytest.mark.parametrize("name, text, rows_in, first", [
+    ("a.csv", "q,a\nhi,there\n,\n", 2, "a.csv:3: empty"),
+    ("a.jsonl", '{"text": "hi"}\n\n{"text": ""}\n', 2, "a.jsonl:3: empty"),
+    ("a.json", '[{"text": "hi"}, {"text": " "}]', 2, "a.json item 2: empty"),
+    ("a.html", "<html><body><main> </main></body></html>", 1, "a.html element 1 (<main>): empty"),
+    ("a.sql", "CREATE TABLE t (text TEXT);\nINSERT INTO t VALUES ('hi');\nUPDATE t SET text = 'ho';\n", 2,
+     "a.sql:3: UPDATE statement"),
+])
+def test_strict_fails_on_any_skipped_row_of_every_format(tmp_path, capsys, name, text, rows_in, first):
+    path, out = tmp_path / name, tmp_path / "out.jsonl"
+    path.write_text(text)
+    with pytest.raises(JaxtuneError) as e:
+        prepare([path], out, strict=True, progress=False)
+    assert f"could not use 1 of {rows_in} rows or statements (" in str(e.value)
+    assert str(e.value).endswith(f"the first at {tmp_path / first}; fix the input, or leave out --strict to "
+                                 f"write the rest")
+    assert not out.exists()
+    stats = prepare([path], out, progress=False)  # without --strict: written, and the skip is counted
+    assert stats.rows_in == stats.rows_out + 1 and sum(stats.skipped.values()) == 1
+    assert "rows skipped: 1" in capsys.readouterr().out
+
+
+def test_cli_prepare_strict_is_one_line(tmp_path, capsys):
+    from jaxtune.cli import main
+
+    out = tmp_path / "out.jsonl"
+    assert main(["prepare", str(RAW / "records_bad.jsonl"), "--out", str(out), "--skip-bad-rows", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().split("\n")) <= 3
+    assert (f"jaxtune prepare: error: --strict: could not use 2 of 5 rows or statements (malformed JSON: 1, "
+            f"empty: 1), the first at {RAW / 'records_bad.jsonl'}:3: malformed JSON") in err
+    assert not out.exists()

@@ -185,8 +185,9 @@ def test_nan_halts_and_keeps_the_last_good_checkpoint(tiny_dir, chat_data, tmp_p
     before = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     with pytest.raises(JaxtuneError, match=r"the parameters became (nan|inf) at step 4: training stopped. The last "
                                            r"good checkpoint \(step 3\)"):
-        train(run_config(tiny_dir, chat_data, workdir, **{"train.max_steps": 6, "train.lr": "inf",
-                                                          "eval.every_steps": 0, "checkpoint.every_steps": 1}))
+        train(run_config(tiny_dir, chat_data, workdir, **{"train.max_steps": 6, "train.lr": "1e30",
+                                                          "eval.every_steps": 0, "checkpoint.every_steps": 1,
+                                                          "resume.allow_changes": "train.max_steps,train.lr"}))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
 

@@ -8,6 +8,7 @@ supervised. Tokenizing once with character offsets then maps those spans onto to
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -20,6 +21,7 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+CHAT_KEYS = {"messages": ("role", "content"), "conversations": ("from", "value")}  # OpenAI, ShareGPT
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}
 # End-of-turn markers of common templates; EOS is always one.
@@ -77,8 +79,10 @@ class Tokenized:
 
 
 @lru_cache(maxsize=8)
-def _compile_template(source: str):
-    """Jinja as transformers sets it up (trim/lstrip blocks, raise_exception), compiled once."""
+def _compile_template(source: str, origin: str):
+    """Jinja as transformers sets it up (trim/lstrip blocks, raise_exception), compiled once. A syntax error
+    names `origin`, since the user must know which template to fix."""
+    from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -86,7 +90,11 @@ def _compile_template(source: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as e:
+        raise JaxtuneError(f"{origin} is not valid Jinja: template line {e.lineno}: {e.message}; fix it, "
+                           f"or use data.chat_template='chatml'") from None
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
@@ -106,9 +114,11 @@ class Formatter:
             raise JaxtuneError("the tokenizer has no EOS token: the model could never learn to stop. "
                                "Set eos_token in tokenizer_config.json.")
         template = opts.chat_template or getattr(tokenizer, "chat_template", None)
+        origin = ("data.chat_template (--chat-template)" if opts.chat_template
+                  else f"the chat template of the tokenizer in {tokenizer.name_or_path}")
         if opts.chat_template == "chatml" or (template is None and opts.format in ("chat", "alpaca")):
             template = CHATML
-        self.template = _compile_template(template) if template else None
+        self.template = _compile_template(template, origin) if template else None
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
@@ -169,24 +179,29 @@ class Formatter:
         """(text, spans) where spans=None means every token is supervised."""
         fmt = self.opts.format
         if fmt == "completion":
-            return _field(record, "text", where), None
+            return _string(record, "text", where), None
         if fmt == "alpaca":
-            instruction, extra = _field(record, "instruction", where), record.get("input") or ""
+            instruction, extra = _string(record, "instruction", where), record.get("input") or ""
             messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
-                        {"role": "assistant", "content": _field(record, "output", where)}]
+                        {"role": "assistant", "content": _string(record, "output", where)}]
         else:
             messages = chat_messages(record, where)
-        text, spans = self.chat_spans(messages)
+        try:
+            text, spans = self.chat_spans(messages)
+        except JaxtuneError as e:  # the template's raise_exception: say which record it refused
+            raise JaxtuneError(f"{where}: {e}") from None
         return text, (None if self.opts.train_on_inputs else spans)
 
     # --- batch tokenization ----------------------------------------------------------------------
-    def tokenize(self, records: list[dict], source: str = "records") -> Tokenized:
+    def tokenize(self, records: list[dict], source: str = "records", wheres: list[str] | None = None) -> Tokenized:
+        """`wheres[n]` names record n in errors (e.g. file:line); by default "`source` record n+1"."""
+        wheres = wheres or [f"{source} record {n}" for n in range(1, len(records) + 1)]
         if self.opts.format == "pretokenized":
-            samples = [_pretokenized(r, f"{source} record {n}") for n, r in enumerate(records)]
+            samples = [_pretokenized(r, where) for r, where in zip(records, wheres)]
             return self._assemble(samples, turns=[None] * len(samples))
         texts, spans = [], []
-        for n, record in enumerate(records):
-            text, span = self.text_and_spans(record, f"{source} record {n}")
+        for record, where in zip(records, wheres):
+            text, span = self.text_and_spans(record, where)
             texts.append(text)
             spans.append(span)
         completion = self.opts.format == "completion"
@@ -250,24 +265,41 @@ def _field(record: dict, name: str, where: str):
     return record[name]
 
 
+def _bad_value(where: str, field: str, value, expected: str) -> JaxtuneError:
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    return JaxtuneError(f"{where}: {field} is {shown[:100]}, expected {expected}; fix or remove that record")
+
+
+def _string(record: dict, name: str, where: str) -> str:
+    """A text field, checked here: a template or tokenizer given null or a number fails with a traceback."""
+    value = _field(record, name, where)
+    if not isinstance(value, str):
+        raise _bad_value(where, name, value, "a string")
+    return value
+
+
 def chat_messages(record: dict, where: str) -> list[dict]:
-    """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value) as role/content."""
-    if "messages" in record:
-        messages = record["messages"]
-        bad = [m for m in messages if not isinstance(m, dict) or "role" not in m or "content" not in m]
-        if bad:
-            raise JaxtuneError(f"{where}: every message needs 'role' and 'content', got {str(bad[0])[:200]}")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if "conversations" in record:
-        out = []
-        for m in record["conversations"]:
-            role = SHAREGPT_ROLES.get(str(m.get("from", "")).lower())
-            if role is None:
-                raise JaxtuneError(f"{where}: ShareGPT speaker {m.get('from')!r} is not one of {sorted(SHAREGPT_ROLES)}")
-            out.append({"role": role, "content": m.get("value", "")})
-        return out
-    raise JaxtuneError(f"{where}: a chat record needs 'messages' (role/content) or 'conversations' "
-                       f"(from/value); it has {sorted(record)}")
+    """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value) as role/content, checked
+    so that a bad message is an error naming its field (messages[2].content), not a template traceback."""
+    key = next((k for k in CHAT_KEYS if k in record), None)
+    if key is None:
+        raise JaxtuneError(f"{where}: a chat record needs 'messages' (role/content) or 'conversations' "
+                           f"(from/value); it has {sorted(record)}")
+    role_key, content_key = CHAT_KEYS[key]
+    if not isinstance(record[key], list):
+        raise _bad_value(where, key, record[key], "a list of messages")
+    out = []
+    for i, m in enumerate(record[key]):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise _bad_value(where, f"{key}[{i}]", m, f"an object with {role_key!r} and {content_key!r}")
+        for name in (role_key, content_key):
+            if not isinstance(m[name], str):
+                raise _bad_value(where, f"{key}[{i}].{name}", m[name], "a string")
+        role = m["role"] if key == "messages" else SHAREGPT_ROLES.get(m["from"].lower())
+        if role is None:
+            raise _bad_value(where, f"{key}[{i}].from", m["from"], f"one of {sorted(SHAREGPT_ROLES)}")
+        out.append({"role": role, "content": m[content_key]})
+    return out
 
 
 def _pretokenized(record: dict, where: str):

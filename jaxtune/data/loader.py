@@ -28,11 +28,24 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 
 def load_records(source: str) -> list[dict]:
     """Local .jsonl/.json/.csv/.parquet, `tfds:NAME[:split]`, or a hub dataset name (online)."""
+    return load_located(source)[0]
+
+
+def load_located(source: str) -> tuple[list[dict], list[str] | None]:
+    """Records and, for JSONL/JSON files, where each one is (file:line, or item, 1-based), so that data errors
+    point into the file; None for other sources, whose errors count records from 1."""
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json") and path.is_file():  # file:line errors for hand-made data
+        hint = f"or run `jaxtune prepare {path} --skip-bad-rows --out CLEAN.jsonl` to write a copy without them"
+        located = list(prepare.read_located(path, skip_hint=hint, stats=prepare.Stats()))
+        return [record for _, record in located], [where for where, _ in located]
+    return _other_records(source), None
+
+
+def _other_records(source: str) -> list[dict]:
     if source.startswith("tfds:"):
         return _tfds_records(source[5:])
     path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".json") and path.is_file():  # file:line errors for hand-made data
-        return list(prepare.read_records(path, stats=prepare.Stats()))
     import datasets
 
     if path.suffix in LOCAL_SUFFIXES:
@@ -79,12 +92,6 @@ def _fingerprint(sources: list[str], tokenizer_dir: str | None, opts: FormatOpti
     return h.hexdigest()[:24]
 
 
-def _load_tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 def _concat(parts: list[Tokenized]) -> Tokenized:
     offsets = [np.zeros(1, np.int64)]
     total = 0
@@ -108,8 +115,13 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
     if cache.is_file():
         z = np.load(cache)
         return Tokenized(z["ids"], z["weights"], z["offsets"], **{f: int(z[f]) for f in Tokenized.COUNTERS})
-    formatter = Formatter(_load_tokenizer(tokenizer_dir), opts)
-    parts = [formatter.tokenize(load_records(src), src) for src in sources]
+    from jaxtune.models.hf import load_tokenizer
+
+    formatter = Formatter(load_tokenizer(tokenizer_dir), opts)
+    parts = []
+    for src in sources:
+        records, wheres = load_located(src)
+        parts.append(formatter.tokenize(records, src, wheres))
     data = _concat(parts) if parts else Tokenized.from_samples([])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")

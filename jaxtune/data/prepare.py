@@ -2,7 +2,9 @@
 
 Every reader yields plain dicts; a field mapping turns source columns into the fields training expects
 (`instruction`, `output`, ...). A bad row stops the run with its file and line, or, with
---skip-bad-rows, is skipped and counted: nothing is dropped without a line in the summary.
+--skip-bad-rows, is skipped and counted. Rows and SQL statements that hold nothing usable (an empty row, an
+INSERT ... SELECT) are skipped and counted too: nothing is dropped without a line in the summary, and
+--strict fails the run if anything was skipped.
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ PARAGRAPH = "\u2029"  # marks block boundaries while the text's own whitespace i
 # Words that open a table constraint, not a column, inside CREATE TABLE ( ... ).
 CONSTRAINT_WORDS = {"PRIMARY", "KEY", "UNIQUE", "CONSTRAINT", "INDEX", "FOREIGN", "CHECK", "FULLTEXT", "SPATIAL",
                     "EXCLUDE"}
+# Statements of a dump that hold no rows; any other statement prepare does not read is counted as skipped.
+NO_DATA_STATEMENTS = {"ALTER", "ANALYZE", "BEGIN", "COMMENT", "COMMIT", "CREATE", "DELIMITER", "DROP", "END", "GRANT",
+                      "LOCK", "PRAGMA", "REVOKE", "ROLLBACK", "SELECT", "SET", "START", "TRUNCATE", "UNLOCK", "USE",
+                      "VACUUM"}
+INSERT_TAILS = {"ON", "RETURNING", "AS"}  # what may follow the rows: ON DUPLICATE KEY / ON CONFLICT, ...
 SQL_LITERALS = {"NULL": None, "TRUE": True, "FALSE": False}
 MYSQL_ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a", "%": "\\%", "_": "\\_"}
 SKIP_HINT = "or skip such rows with --skip-bad-rows"
@@ -46,8 +53,10 @@ SKIP_HINT = "or skip such rows with --skip-bad-rows"
 
 @dataclass
 class BadRow:
-    reason: str  # the key it is counted under with skip_bad_rows
-    message: str  # the error without it
+    """A row or statement prepare cannot use. With a message it stops the run (unless --skip-bad-rows);
+    without one (an empty row, a statement with no readable rows) it is only counted."""
+    reason: str  # the key it is counted under
+    message: str | None = None  # the error, without the advice on skipping
 
 
 @dataclass
@@ -56,7 +65,12 @@ class Stats:
     rows_in: int = 0
     rows_out: int = 0
     skipped: Counter = field(default_factory=Counter)
+    first_skipped: str | None = None  # "file:line: reason", for --strict
     clean: CleanReport | None = None
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        self.first_skipped = self.first_skipped or f"{where}: {reason}"
 
     def summary(self) -> str:
         lines = [f"rows in: {self.rows_in}", f"rows out: {self.rows_out}",
@@ -97,13 +111,20 @@ def _mapped(row: dict, mapping: dict[str, str] | None, where: str) -> dict | Bad
         if column not in row:
             return BadRow(f"missing field {name}",
                           f"{where}: field {name!r} maps to column {column!r}, which this row does not have "
-                          f"(it has: {', '.join(map(str, row)) or 'nothing'}); fix --map {name}=COLUMN, {SKIP_HINT}")
+                          f"(it has: {', '.join(map(str, row)) or 'nothing'}); fix --map {name}=COLUMN")
     return {name: row[column] for name, column in mapping.items()}
 
 
-def read_records(path: str | Path, *, mapping: dict[str, str] | None = None, selector: str | None = None,
-                 table: str | None = None, skip_bad_rows: bool = False, stats: Stats) -> Iterator[dict]:
-    """Records of one raw file (by suffix), mapped; bad rows raise, or are counted in `stats` and skipped."""
+def read_records(path: str | Path, **kwargs) -> Iterator[dict]:
+    """Records of one raw file (by suffix), mapped; see read_located."""
+    return (record for _, record in read_located(path, **kwargs))
+
+
+def read_located(path: str | Path, *, mapping: dict[str, str] | None = None, selector: str | None = None,
+                 table: str | None = None, skip_bad_rows: bool = False, skip_hint: str = SKIP_HINT,
+                 stats: Stats) -> Iterator[tuple[str, dict]]:
+    """(where, record) pairs of one raw file, `where` naming its file:line (1-based) or item. A bad row raises
+    with `skip_hint` (the advice that fits the command) or, with skip_bad_rows, is counted in `stats`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -125,14 +146,14 @@ def read_records(path: str | Path, *, mapping: dict[str, str] | None = None, sel
         stats.rows_in += 1
         if not isinstance(row, BadRow):
             row = _mapped(row, mapping, where)
+        if not isinstance(row, BadRow) and all(_is_empty(v) for v in row.values()):
+            row = BadRow("empty")
         if isinstance(row, BadRow):
-            if not skip_bad_rows:
-                raise JaxtuneError(row.message)
-            stats.skipped[row.reason] += 1
-        elif all(_is_empty(v) for v in row.values()):
-            stats.skipped["empty"] += 1
+            if row.message and not skip_bad_rows:
+                raise JaxtuneError(f"{row.message}, {skip_hint}")
+            stats.skip(where, row.reason)
         else:
-            yield row
+            yield where, row
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -157,7 +178,7 @@ def _html_rows(path: Path, text: str, selector: str | None):
     if not elements:
         if selector:
             yield str(path), BadRow("selector matched nothing", f"{path}: --selector {selector!r} matched nothing; "
-                                                                f"check it against the page, {SKIP_HINT}")
+                                                                "check it against the page")
             return
         elements = [soup.body or soup]
     chosen = {id(e) for e in elements}
@@ -183,7 +204,7 @@ def _csv_rows(path: Path, text: str):
                 continue
             if len(row) > len(header):
                 yield where, BadRow("extra columns", f"{where}: {len(row)} values but the header has {len(header)} "
-                                                     f"columns; quote fields that hold the delimiter, {SKIP_HINT}")
+                                                     "columns; quote fields that hold the delimiter")
             else:
                 yield where, dict(zip(header, row))  # a short row lacks the last columns
     except csv.Error as e:
@@ -221,19 +242,20 @@ def _sql_string(token: str, mysql: bool) -> str:
 
 
 def _sql_value(tokens: list[tuple], mysql: bool):
-    """One VALUES entry: string, int, float, None or bool; anything else (NOW(), 0x41) as its SQL text."""
+    """One VALUES entry: string, int, float, None or bool; anything else (NOW(), 0x41) as its SQL text.
+
+    Adjacent string literals are one string, as SQL reads them: 'abc' 'def' (also across lines) is 'abcdef'."""
+    strings = tokens[1:] if tokens and tokens[0][0] in T.Name else tokens  # MySQL's _utf8mb4'..' introducer
+    if strings and all(ttype in T.String for ttype, _, _ in strings):
+        return "".join(_sql_string(value, mysql) for _, value, _ in strings)
     if len(tokens) == 1:
         ttype, value, _ = tokens[0]
-        if ttype in T.String:
-            return _sql_string(value, mysql)
         if ttype in T.Number.Integer:
             return int(value)
         if ttype in T.Number.Float:
             return float(value)
         if value.upper() in SQL_LITERALS:
             return SQL_LITERALS[value.upper()]
-    if len(tokens) == 2 and tokens[0][0] in T.Name and tokens[1][0] in T.String.Single:  # MySQL _utf8mb4'..'
-        return _sql_string(tokens[1][1], mysql)
     return "".join(value for _, value, _ in tokens)
 
 
@@ -262,7 +284,8 @@ def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str
     """Rows of an INSERT INTO t [(cols)] VALUES (..), (..) statement."""
     line = tokens[0][2]
     words = [value.upper() for _, value, _ in tokens]
-    if "INTO" not in words or "VALUES" not in words:  # INSERT ... SELECT holds no data
+    if "INTO" not in words or "VALUES" not in words:  # INSERT ... SELECT, MySQL's INSERT ... SET
+        yield f"{path}:{line}", BadRow(f"{words[0]} without INTO ... VALUES")
         return
     into, values_at = words.index("INTO"), words.index("VALUES")
     name_end = words.index("(", into) if "(" in words[into:values_at] else values_at
@@ -281,7 +304,9 @@ def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str
             if punct == "(":
                 depth, row, current, row_line = 1, [], [], at
             elif punct != ",":
-                break  # ON DUPLICATE KEY UPDATE / ON CONFLICT / RETURNING
+                if value.upper() not in INSERT_TAILS:
+                    yield f"{path}:{at}", BadRow(f"unreadable rest of {words[0]}")
+                break
             continue
         if depth == 1 and punct in (",", ")"):
             row.append(_sql_value(current, mysql))
@@ -293,7 +318,7 @@ def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str
                     yield where, dict(zip(columns, row))
                 else:
                     yield where, BadRow("wrong column count", f"{where}: {len(row)} values for {len(columns)} "
-                                                              f"columns ({', '.join(columns)}), {SKIP_HINT}")
+                                                              f"columns ({', '.join(columns)})")
             continue
         depth += {"(": 1, ")": -1}.get(punct, 0)  # a function call such as NOW()
         current.append((ttype, value, at))
@@ -306,15 +331,20 @@ def _sql_rows(path: Path, text: str, table: str | None):
     mysql = "`" in text or "/*!" in text  # mysqldump quotes names with backticks and writes /*!40101 ... */
     created: dict[str, list[str]] = {}
     inserted: dict[str, None] = {}  # tables that have INSERTs, in order
-    statement, line = [], 1
+    statement, line, command = [], 1, False
     for ttype, value in chain(_sql_lexer(mysql).get_tokens(text), [(T.Punctuation, ";")]):
-        if ttype in T.Punctuation and value == ";":
+        if command or (ttype in T.Generic.Command and not statement):  # psql's \connect, \restrict: one line
+            command = "\n" not in value
+        elif ttype in T.Punctuation and value == ";":
             head = statement[0][1].upper() if statement else ""
             if head == "CREATE" and any(v.upper() == "TABLE" for _, v, _ in statement[1:4]):
                 if definition := _create_table(statement):
                     created[definition[0]] = definition[1]
             elif head in ("INSERT", "REPLACE"):
                 yield from _insert_rows(path, statement, mysql, created, table, inserted)
+            elif head and head not in NO_DATA_STATEMENTS:  # e.g. UPDATE, or COPY data that swallowed an INSERT
+                reason = f"{head} statement" if statement[0][0] in T.Keyword else "unreadable statement"
+                yield f"{path}:{statement[0][2]}", BadRow(reason)
             statement = []
         elif ttype not in T.Whitespace and ttype not in T.Comment:
             statement.append((ttype, value, line))
@@ -342,7 +372,7 @@ def _json_rows(path: Path, text: str):
     for i, item in enumerate(data, 1):
         where = f"{path} item {i}"
         yield where, item if isinstance(item, dict) else BadRow(
-            "not an object", f"{where}: expected an object, got {json.dumps(item)[:200]}, {SKIP_HINT}")
+            "not an object", f"{where}: expected an object, got {json.dumps(item)[:200]}; fix or remove the item")
 
 
 def _jsonl_rows(path: Path, text: str):
@@ -354,10 +384,10 @@ def _jsonl_rows(path: Path, text: str):
             item = json.loads(line)
         except json.JSONDecodeError as e:
             yield where, BadRow("malformed JSON", f"{where}: malformed JSON ({e.msg}, column {e.colno}): "
-                                                  f"{line.strip()[:200]}; fix or remove the line, {SKIP_HINT}")
+                                                  f"{line.strip()[:200]}; fix or remove the line")
             continue
         yield where, item if isinstance(item, dict) else BadRow(
-            "not an object", f"{where}: expected an object, got {line.strip()[:200]}, {SKIP_HINT}")
+            "not an object", f"{where}: expected an object, got {line.strip()[:200]}; fix or remove the line")
 
 
 # --- output and CLI -----------------------------------------------------------------------------
@@ -380,14 +410,26 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
     return n
 
 
+def _strict(records: Iterable[dict], stats: Stats) -> Iterator[dict]:
+    """Fail after the last record, when the count is complete and before the output is renamed into place."""
+    yield from records
+    if stats.skipped:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in stats.skipped.most_common())
+        raise JaxtuneError(f"--strict: could not use {sum(stats.skipped.values())} of {stats.rows_in} rows or "
+                           f"statements ({reasons}), the first at {stats.first_skipped}; fix the input, or leave "
+                           f"out --strict to write the rest")
+
+
 def prepare(inputs: list[str | Path], out: str | Path, *, mapping: dict[str, str] | None = None,
             selector: str | None = None, table: str | None = None, skip_bad_rows: bool = False,
-            clean: CleanOptions | None = None, progress: bool = True) -> Stats:
+            strict: bool = False, clean: CleanOptions | None = None, progress: bool = True) -> Stats:
     """Read every input, optionally clean, write one JSONL file; print and return what happened."""
     stats = Stats()
     records = chain.from_iterable(
         read_records(p, mapping=mapping, selector=selector, table=table, skip_bad_rows=skip_bad_rows, stats=stats)
         for p in inputs)
+    if strict:
+        records = _strict(records, stats)
     records = tqdm(records, desc="prepare", unit=" records", disable=not progress)
     if clean is not None:
         records, stats.clean = clean_records(records, clean)
@@ -409,7 +451,8 @@ def _parse_map(items: list[str]) -> dict[str, str] | None:
 def _run(args: argparse.Namespace) -> None:
     wants_clean = args.clean or args.no_dedup or any(getattr(args, name) is not None for name in CLEAN_FLAGS)
     prepare(args.inputs, args.out, mapping=_parse_map(args.map), selector=args.selector, table=args.table,
-            skip_bad_rows=args.skip_bad_rows, clean=options_from_args(args) if wants_clean else None)
+            skip_bad_rows=args.skip_bad_rows, strict=args.strict,
+            clean=options_from_args(args) if wants_clean else None)
 
 
 def register_cli(subparsers) -> None:
@@ -425,6 +468,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--table", help="SQL dumps: only the rows of this table")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip and count bad rows instead of stopping at the first")
+    p.add_argument("--strict", action="store_true",
+                   help="fail, writing nothing, if any row or statement was skipped (empty, unreadable, or bad)")
     p.add_argument("--clean", action="store_true",
                    help="clean the records as `jaxtune clean` does (any cleaning flag implies it)")
     add_clean_arguments(p)

@@ -27,6 +27,7 @@ from jaxtune.models.llama import Llama, ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SHARD_BYTES = 5 * 1024**3
+HF_MODEL_KIND = "hf-model"  # the marker of directories jaxtune writes as HF models (atomic.write_dir)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -235,18 +236,52 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id through huggingface_hub (online only)."""
+    """A local directory as is; otherwise a hub id through huggingface_hub (online only).
+    Either way it must be a model jaxtune can use without running code shipped with it."""
     local = Path(path).expanduser()
     if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
         if not local.is_dir():
             raise JaxtuneError(f"{local}: no such model directory")
-        return local
+        return refuse_custom_code(local)
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+        local = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
     except Exception as e:  # offline, gated, or missing repo
         raise JaxtuneError(f"{path}: not a local directory and the hub could not provide it ({e})") from None
+    return refuse_custom_code(local)
+
+
+def refuse_custom_code(model_dir: Path) -> Path:
+    """A model directory whose config.json or tokenizer_config.json maps classes to its own Python
+    files (`auto_map`) needs `trust_remote_code`, i.e. running code from the directory: jaxtune never
+    does (Llama-family models need none), so it says so instead of asking or running it."""
+    if not (model_dir / "config.json").is_file():
+        read_hf_config(model_dir)  # the one-line "not found" error
+    for name in ("config.json", "tokenizer_config.json"):
+        file = model_dir / name
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map") if file.is_file() else None
+        except (ValueError, AttributeError):
+            raise JaxtuneError(f"{file}: not valid JSON; fetch the model directory again") from None
+        if auto_map:
+            raise JaxtuneError(f"{file}: asks for custom code ({', '.join(sorted(auto_map))} from the directory's own "
+                               "Python files); jaxtune never runs code from a model directory. Use a model (or "
+                               "tokenizer) that transformers supports natively")
+    return model_dir
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The directory's tokenizer, never running code from it; unreadable files are one clear line."""
+    from transformers import AutoTokenizer
+
+    model_dir = refuse_custom_code(Path(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise JaxtuneError(f"{model_dir}: no usable tokenizer ({reason}); the directory needs tokenizer.json or "
+                           "tokenizer.model with tokenizer_config.json") from None
 
 
 def hf_tensors(model: Llama):
@@ -322,11 +357,13 @@ def write_hf_files(model: Llama, out: Path, *, shard_bytes: int = SHARD_BYTES,
 
 
 def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,
-                    tokenizer_from: str | os.PathLike | None = None) -> Path:
+                    tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write an HF model directory that transformers loads with no missing or unexpected keys.
 
     Written to a temporary sibling and renamed, so an interrupted save never leaves half a model.
+    An existing `out_dir` is replaced only if it is an earlier jaxtune model export and `overwrite`.
     Tokenizer and chat-template files are copied from `tokenizer_from` (default: the source dir).
     """
     return write_dir(out_dir, lambda tmp: write_hf_files(model, tmp, shard_bytes=shard_bytes,
-                                                         tokenizer_from=tokenizer_from))
+                                                         tokenizer_from=tokenizer_from),
+                     kind=HF_MODEL_KIND, overwrite=overwrite)

@@ -8,21 +8,49 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtune.errors import JaxtuneError
+
 FLAT = 0.02  # relative change below which a curve counts as flat
 RISE = 0.02  # relative rise of eval loss above its minimum that counts as overfitting
 
 
+COLLAPSE = 0.02  # relative distance of the loss from ln(vocab) (a uniform guess) that counts as collapsed
+
+
 def read_metrics(workdir: Path) -> list[dict]:
+    """The events of metrics.jsonl. An append-only log killed mid-write ends in a torn line: that
+    last line is dropped with a warning; a damaged line elsewhere is an error naming file:line."""
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    events = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+            if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+                raise ValueError("not an event with a step")
+        except ValueError as e:
+            if n == len(lines):
+                print(f"warning: {path}:{n}: incomplete last line (a write was cut short); ignored")
+                continue
+            raise JaxtuneError(f"{path}:{n}: damaged line ({e}); remove that line to go on") from None
+        events.append(event)
+    return events
 
 
-def diagnose(train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> dict:
-    """{'diagnosis': underfit|overfit|well-fit|unknown, 'reason': ..., 'best_step': step of min eval loss}."""
+def diagnose(train: list[tuple[int, float]], evals: list[tuple[int, float]], *,
+             grad_norms: list[float] | None = None, vocab_size: int | None = None) -> dict:
+    """{'diagnosis': underfit|overfit|well-fit|collapsed|unknown, 'reason': ..., 'best_step': step of min eval loss}."""
     if len(train) < 4:
         return {"diagnosis": "unknown", "reason": "too few training points to judge", "best_step": None}
     losses = np.array([v for _, v in train])
     best_step = min(evals, key=lambda e: e[1])[0] if evals else None
+    collapse = _collapse(losses, grad_norms, vocab_size)
+    if collapse:
+        return {"diagnosis": "collapsed", "best_step": best_step, "reason": collapse}
     if len(evals) >= 3:
         e = np.array([v for _, v in evals])
         i = int(np.argmin(e))
@@ -47,7 +75,33 @@ def diagnose(train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> 
     return {"diagnosis": "well-fit", "best_step": best_step, "reason": f"training loss settled at {tail:.4f}{gap}"}
 
 
-def plot(workdir: Path, metrics: list[dict] | None = None) -> Path:
+def diagnose_metrics(metrics: list[dict], vocab_size: int | None = None) -> dict:
+    """`diagnose` on the events of metrics.jsonl."""
+    norms = [m.get("grad_norm") for m in metrics if "loss" in m]
+    return diagnose([(m["step"], m["loss"]) for m in metrics if "loss" in m],
+                    [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m],
+                    grad_norms=None if None in norms else norms, vocab_size=vocab_size)
+
+
+def _collapse(losses: np.ndarray, grad_norms: list[float] | None, vocab_size: int | None) -> str | None:
+    """A loss pinned at ln(vocab) with (near) zero gradients: the model predicts a uniform
+    distribution and cannot get out — the learning rate was too high, not too low."""
+    if not vocab_size:
+        return None
+    uniform = float(np.log(vocab_size))
+    tail = losses[-max(2, len(losses) // 4):]
+    if not np.all(np.abs(tail - uniform) < COLLAPSE * uniform):
+        return None
+    if grad_norms is not None and len(grad_norms) == len(losses):
+        if max(grad_norms[-len(tail):]) > 1e-3:
+            return None
+    elif not losses.min() < uniform * (1 - COLLAPSE):  # without gradients: it was better once
+        return None
+    return (f"training loss is pinned at {tail.mean():.4f} = ln({vocab_size}), a uniform guess, with vanishing "
+            "gradients: the learning rate is too high; lower train.lr (e.g. 10x) and start a new run")
+
+
+def plot(workdir: Path, metrics: list[dict] | None = None, vocab_size: int | None = None) -> Path:
     """curves.png: train and eval loss against step, learning rate on a second axis."""
     import matplotlib
 
@@ -69,7 +123,7 @@ def plot(workdir: Path, metrics: list[dict] | None = None) -> Path:
         lr_ax = ax.twinx()
         lr_ax.plot([t[0] for t in train], [t[2] for t in train], color="tab:gray", alpha=0.5, label="lr")
         lr_ax.set_ylabel("learning rate")
-    verdict = diagnose([t[:2] for t in train], evals)
+    verdict = diagnose_metrics(metrics, vocab_size)
     ax.set_title(f"{Path(workdir).name}: {verdict['diagnosis']}")
     ax.legend(loc="upper right")
     out = Path(workdir) / "curves.png"

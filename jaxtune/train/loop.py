@@ -20,23 +20,26 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import lora, sharding
-from jaxtune.config import split_list
+from jaxtune.atomic import write_text
+from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import from_pretrained, resolve_model_path
-from jaxtune.train import curves, optim
+from jaxtune.models.hf import from_pretrained, load_tokenizer, resolve_model_path
+from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
+from jaxtune.train.run_dir import WorkdirLock, check_writable
 from jaxtune.train.step import make_eval_step, make_train_step
 
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per log or eval event), optionally mirrored to TensorBoard."""
 
-    def __init__(self, workdir: Path, resume_step: int, tensorboard: bool):
+    def __init__(self, workdir: Path, resume_step: int | None, tensorboard: bool):
+        """Keep the events up to the resumed step (none on a fresh start): the steps after it are redone."""
         self.path = workdir / "metrics.jsonl"
-        kept = [m for m in curves.read_metrics(workdir) if m["step"] <= resume_step]  # drop steps we redo
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        kept = [m for m in curves.read_metrics(workdir) if resume_step is not None and m["step"] <= resume_step]
+        write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
         self.events = kept
         self.tb = None
         if tensorboard:
@@ -94,16 +97,19 @@ def reply(model, tokenizer, model_dir, prompt: str, max_new_tokens: int) -> str:
 
 
 def train(cfg, *, progress=None) -> dict:
-    """Run (or resume) the training described by a validated config; returns the summary."""
+    """Run (or resume) the training described by a validated config; returns the summary.
+    One training per workdir at a time: a second one is refused while this one holds the lock."""
     workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    show = cfg.log.progress if progress is None else progress
+    with WorkdirLock(workdir, held=jax.process_index() == 0):  # hosts of one pod run share the workdir
+        return _train(cfg, workdir, cfg.log.progress if progress is None else progress)
+
+
+def _train(cfg, workdir: Path, show: bool) -> dict:
+    check_writable(workdir)
 
     # --- data: preflight before anything (a big model) loads ------------------------------------
-    from transformers import AutoTokenizer
-
     model_dir = str(resolve_model_path(cfg.model.path))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     opts = FormatOptions(cfg.data.format, cfg.data.seq_len, cfg.data.train_on_inputs, cfg.data.overlong,
                          cfg.data.chat_template or None)
     data = loader.build(split_list(cfg.data.train), model_dir, opts, val_sources=split_list(cfg.data.val),
@@ -112,6 +118,13 @@ def train(cfg, *, progress=None) -> dict:
     if data.val_report is not None:
         print(f"validation data:\n{data.val_report.text()}")
     data.train_report.check()
+
+    # --- the run's identity: a resume must be the same run (checked before anything is written) -----
+    flat_cfg = flatten(cfg.to_dict())
+    ident = run_dir.identity(Path(model_dir), data.train)
+    checkpoints = Checkpoints(workdir, cfg.checkpoint.keep)
+    if checkpoints.any():
+        run_dir.check_resume(workdir, flat_cfg, ident, split_list(cfg.resume.allow_changes))
 
     # --- mesh and model ----------------------------------------------------------------------------
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -152,10 +165,10 @@ def train(cfg, *, progress=None) -> dict:
                          b1=cfg.train.b1, b2=cfg.train.b2, grad_accum_steps=k)
     opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, trainable), trainable, trainable_shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    resolved = {**cfg.to_dict(), "resolved": {"peak_lr": peak_lr, "steps": steps, "epochs": epochs,
-                                              "steps_per_epoch": batches.steps_per_epoch,
-                                              "supervised_tokens_per_epoch": data.train_report.supervised_tokens}}
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
+    resolved = {**cfg.to_dict(), "identity": ident,
+                "resolved": {"peak_lr": peak_lr, "steps": steps, "epochs": epochs,
+                             "steps_per_epoch": batches.steps_per_epoch, "vocab_size": model.cfg.vocab_size,
+                             "supervised_tokens_per_epoch": data.train_report.supervised_tokens}}
 
     # --- compiled steps with explicit shardings ---------------------------------------------------
     batch_sharding = sharding.named_sharding(("batch", "length"), (cfg.train.micro_batch_size, cfg.data.seq_len), mesh)
@@ -189,15 +202,16 @@ def train(cfg, *, progress=None) -> dict:
         loss_sum, tokens = np.sum(jax.device_get(sums), axis=0)
         return float(loss_sum / max(tokens, 1))
 
-    # --- resume ---------------------------------------------------------------------------------------
-    checkpoints = Checkpoints(workdir, cfg.checkpoint.keep)
+    # --- resume from the newest checkpoint that verifies --------------------------------------------
     step, best = 0, {"eval_loss": math.inf, "step": None, "evals_since_best": 0}
-    if checkpoints.latest_step() is not None:
-        trainable, opt_state, meta = checkpoints.restore(trainable, opt_state)
+    restored = checkpoints.restore_latest(trainable, opt_state)
+    if restored is not None:
+        trainable, opt_state, meta = restored
         step, best = meta["step"], meta["best"]
         batches.state = meta["data_state"]
         print(f"resumed from {workdir / 'checkpoints'} at step {step}")
-    log = MetricsLog(workdir, step, cfg.log.tensorboard)
+    write_text(workdir / "config.json", json.dumps(resolved, indent=2))
+    log = MetricsLog(workdir, step if restored is not None else None, cfg.log.tensorboard)
 
     def save(trainable, opt_state, *, best_copy=False):
         meta = {"step": step, "data_state": batches.state, "best": best}
@@ -217,17 +231,17 @@ def train(cfg, *, progress=None) -> dict:
     micro = cfg.train.micro_batch_size // jax.process_count()
     window = None  # on-device sums since the last log step
     window_tokens, window_start = 0, time.perf_counter()
-    last_saved = checkpoints.latest_step()
-    stop_reason = None
+    last_saved = step if restored is not None else None
+    stop_reason, stopped_by = None, None
     bar = tqdm(total=steps, initial=step, disable=not show, unit="step", dynamic_ncols=True)
 
     def finite_or_halt(loss: float, param_norm: float):
         if not (math.isfinite(loss) and math.isfinite(param_norm)):
             checkpoints.wait()
             what = f"loss is {loss}" if not math.isfinite(loss) else f"the parameters became {param_norm}"
-            raise JaxtuneError(f"{what} at step {step}: training stopped. The last good checkpoint "
-                               f"(step {last_saved}) in {workdir / 'checkpoints'} is intact; lower train.lr or "
-                               "check the data")
+            kept = (f"The last good checkpoint (step {last_saved}) in {workdir / 'checkpoints'} is kept" if last_saved
+                    is not None else "No checkpoint was saved before it")
+            raise JaxtuneError(f"{what} at step {step}: training stopped. {kept}; lower train.lr or check the data")
 
     with StopSignal() as stop:
         while step < steps:
@@ -243,9 +257,11 @@ def train(cfg, *, progress=None) -> dict:
                     "tokens": window["tokens"] + metrics["tokens"]}
             step += 1
             bar.update(1)
+            checkpoints.check()  # a failed background save stops the run now, not steps later
             at_log = step % cfg.log.every_steps == 0 or step == steps
             at_eval = (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps
-            at_save = step % cfg.checkpoint.every_steps == 0 or step == steps or stop.received
+            signalled = stop.received  # read once: a signal arriving after this is handled at the next step
+            at_save = step % cfg.checkpoint.every_steps == 0 or step == steps or signalled
             if at_log or at_save or at_eval:
                 host = jax.device_get(window)
                 loss = float(host["loss_sum"] / max(host["tokens"], 1))
@@ -267,32 +283,35 @@ def train(cfg, *, progress=None) -> dict:
                     save(trainable, opt_state, best_copy=True)
                 else:
                     best["evals_since_best"] += 1
-                curves.plot(workdir, log.events)
+                curves.plot(workdir, log.events, model.cfg.vocab_size)
                 patience = cfg.eval.early_stopping_patience
                 if patience and best["evals_since_best"] >= patience:
                     stop_reason = f"early stopping: no better eval loss for {patience} evals (best at step {best['step']})"
             if at_save or stop_reason:
                 save(trainable, opt_state)
                 last_saved = step
-            if stop.received:
-                stop_reason = f"{stop.received} received: checkpoint saved at step {step}; re-run to resume"
+            if signalled and step < steps:
+                stop_reason = f"{signalled} received: checkpoint saved at step {step}; re-run to resume"
+                stopped_by = signalled
             if stop_reason:
                 break
     bar.close()
-    checkpoints.wait()
-    checkpoints.close()
+    try:
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
 
     # --- the end: curves, summary, a reply --------------------------------------------------------
-    curves.plot(workdir, log.events)
+    curves.plot(workdir, log.events, model.cfg.vocab_size)
     train_points = [(m["step"], m["loss"]) for m in log.events if "loss" in m]
     eval_points = [(m["step"], m["eval_loss"]) for m in log.events if "eval_loss" in m]
-    verdict = curves.diagnose(train_points, eval_points)
+    verdict = curves.diagnose_metrics(log.events, model.cfg.vocab_size)
     summary = {"steps": step, "final_loss": train_points[-1][1] if train_points else None,
                "first_eval_loss": eval_points[0][1] if eval_points else None,
                "final_eval_loss": eval_points[-1][1] if eval_points else None,
                "best_eval_loss": best["eval_loss"] if best["step"] else None, "best_step": best["step"],
-               "stopped": stop_reason, **verdict}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+               "stopped": stop_reason, "stopped_by_signal": stopped_by, **verdict}
+    write_text(workdir / "summary.json", json.dumps(summary, indent=2))
     if stop_reason:
         print(stop_reason)
     print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
