@@ -15,7 +15,7 @@ from pathlib import Path
 from jaxtune import assets
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
-from jaxtune.data.prepare import write_jsonl_atomic
+from jaxtune.data.records import write_jsonl
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         records = assets.chitchat_conversations()
-        write_jsonl_atomic(Path(tmp) / "chitchat.jsonl", records)
+        write_jsonl(Path(tmp) / "chitchat.jsonl", records)
         result = {"conversations": len(records), "prepare_s": round(time.perf_counter() - start, 2)}
         for seq_len in args.seq_lens:
             opts = FormatOptions("chat", seq_len=seq_len)

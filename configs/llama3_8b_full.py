@@ -1,7 +1,7 @@
 """Full fine-tune of Llama-3-8B on a TPU slice (e.g. v5p-32 / v4-32): parameters and optimizer state
 sharded over fsdp, bfloat16 weights, full remat.
 
-    python tpu_scripts/... (launch on all workers) jaxtune train configs/llama3_8b_full.py
+    jaxtune train configs/llama3_8b_full.py --config.data.train=my_chats.jsonl   # on every worker of the slice
 """
 from jaxtune.config import base_config
 

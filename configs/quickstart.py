@@ -4,7 +4,7 @@
 
 The paths point at the offline assets (`jaxtune assets smollm2 chitchat`, cached in $JAXTUNE_CACHE).
 """
-from jaxtune.assets import cache_dir
+from jaxtune.cache import cache_dir
 from jaxtune.config import base_config
 
 

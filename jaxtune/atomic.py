@@ -1,8 +1,9 @@
 """Files and directories that appear whole or not at all, and never replace what jaxtune did not write.
 
-A directory is built in a temporary sibling and renamed into place. It carries a marker file
-(`jaxtune_export.json`, saying what kind of directory it is), and only a directory with the same
-marker — or an empty one — is ever replaced, and only when the caller says so: a user's `--out`
+A file is written to a temporary sibling and renamed into place (`write_file`, the one way jaxtune
+writes a file atomically). A directory is built in a temporary sibling and renamed into place too. It
+carries a marker file (`jaxtune_export.json`, saying what kind of directory it is), and only a directory
+with the same marker — or an empty one — is ever replaced, and only when the caller says so: a user's `--out`
 that names a run, a model or a folder of their own files is refused, never deleted.
 """
 from __future__ import annotations
@@ -12,25 +13,34 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import IO, Callable, TypeVar
 
 from jaxtune.errors import JaxtuneError
 
 MARKER = "jaxtune_export.json"
+T = TypeVar("T")
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small file through a temporary sibling: a crash leaves the old file or the new one."""
+def write_file(path: str | os.PathLike, write: Callable[[IO], T], *, binary: bool = False) -> T:
+    """Call write(f) on a temporary sibling of `path`, then rename it into place: a crash or error leaves
+    the old file (or none), never a partial one. Returns what `write` returns. Text is UTF-8."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return result
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically (see write_file)."""
+    write_file(path, lambda f: f.write(text))
 
 
 def marker_kind(directory: Path) -> str | None:

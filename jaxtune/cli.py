@@ -6,18 +6,18 @@ import json
 import sys
 import time
 
-from jaxtune.data import clean, prepare
-from jaxtune.data.formats import FORMATS, OVERLONG
+from jaxtune.assets import ASSETS
+from jaxtune.data.formats import FORMATS, OVERLONG, FormatOptions
 from jaxtune.errors import JaxtuneError
+from jaxtune.ingest import commands as ingest_commands  # prepare, clean: their readers load when they run
+from jaxtune.models.llama import DTYPES
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; the same command resumes
 
 
 def cmd_assets(args):
-    from jaxtune import assets
-
     for name in args.names:
-        print(assets.ASSETS[name]())
+        print(ASSETS[name]())
 
 
 def cmd_generate(args):
@@ -39,12 +39,12 @@ def cmd_generate(args):
 
 def cmd_preflight(args):
     from jaxtune.data import loader
-    from jaxtune.data.formats import FormatOptions
     from jaxtune.data.preflight import debug_view
     from jaxtune.models.hf import load_tokenizer, resolve_model_path
 
     tokenizer_dir = str(resolve_model_path(args.model))
-    opts = FormatOptions(args.format, args.seq_len, args.train_on_inputs, args.overlong, args.chat_template)
+    opts = FormatOptions(format=args.format, seq_len=args.seq_len, train_on_inputs=args.train_on_inputs,
+                         overlong=args.overlong, chat_template=args.chat_template)
     data = loader.build(args.data, tokenizer_dir, opts, val_sources=args.val or (), val_fraction=args.val_fraction)
     print(f"train data ({', '.join(args.data)}):\n{data.train_report.text()}")
     if data.val_report is not None:
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("assets", help="build the offline demo assets (SmolLM2-135M-Instruct, chitchat) and print their paths")
-    p.add_argument("names", nargs="+", choices=["smollm2", "chitchat"])
+    p.add_argument("names", nargs="+", choices=list(ASSETS))
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("generate", help="complete a prompt with a model directory (KV cache, greedy at temperature 0)")
@@ -119,16 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("preflight", help="tokenize, pack and check data before training; show samples as token/label pairs")
     p.add_argument("data", nargs="+", help="record files (.jsonl/.json/.csv/.parquet), hub names, or tfds:NAME")
     p.add_argument("--model", required=True, help="model directory whose tokenizer and chat template to use")
-    p.add_argument("--format", default="chat", choices=FORMATS)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--format", default=FormatOptions.format, choices=FORMATS)
+    p.add_argument("--seq-len", type=int, default=FormatOptions.seq_len)
     p.add_argument("--train-on-inputs", action="store_true", help="supervise prompts/user turns too")
-    p.add_argument("--overlong", default="truncate", choices=OVERLONG)
+    p.add_argument("--overlong", default=FormatOptions.overlong, choices=OVERLONG)
     p.add_argument("--chat-template", help="'chatml' or a jinja template string (default: the tokenizer's)")
     p.add_argument("--val", nargs="*", help="separate validation files")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of samples instead")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="a saved step (default: the latest)")
     which.add_argument("--best", action="store_true", help="the checkpoint with the best eval loss")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="merged weights' dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="merged weights' dtype")
     p.add_argument("--no-verify", action="store_true", help="skip the transformers/peft parity check")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier jaxtune export of the same kind (nothing else is ever replaced)")
@@ -164,11 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="compare jaxtune's logits with transformers' on a model directory")
     p.add_argument("model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.set_defaults(func=cmd_verify)
 
-    prepare.register_cli(sub)
-    clean.register_cli(sub)
+    ingest_commands.register_cli(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ import ml_collections
 
 from jaxtune.data.formats import FORMATS, OVERLONG
 from jaxtune.errors import JaxtuneError
+from jaxtune.models.llama import DTYPES, REMAT_POLICIES
 
 
 class Domain(NamedTuple):
@@ -73,7 +74,7 @@ FLAG = _domain("true or false", lambda v: isinstance(v, bool))
 LR = _domain("a finite number > 0 or 'auto'", lambda v: isinstance(v, str) and (v == "auto" or _positive_number_text(v)))
 MESH_AXIS = _domain("-1 or an integer >= 1", lambda v: _is_int(v) and (v == -1 or v >= 1))
 KEYS = Domain("comma-separated config keys", _known_keys)
-DTYPE = one_of("float32", "bfloat16")
+DTYPE = one_of(*DTYPES)
 
 SCHEMA = [
     # key, default, help, domain
@@ -85,7 +86,7 @@ SCHEMA = [
      text("a model directory or hub id", empty=False)),
     ("model.dtype", "float32", "compute dtype", DTYPE),
     ("model.param_dtype", "float32", "storage dtype of the (frozen) weights", DTYPE),
-    ("model.remat", "none", "activation recomputation per layer", one_of("none", "dots", "full")),
+    ("model.remat", "none", "activation recomputation per layer", one_of(*REMAT_POLICIES)),
     ("model.verify", False, "before training, check jaxtune's logits against transformers on this model (needs torch)",
      FLAG),
     ("lora.rank", 16, "LoRA rank r", integer(1)),

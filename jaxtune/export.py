@@ -27,7 +27,7 @@ def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[L
     model = from_pretrained(cfg["model"]["path"], dtype="float32", param_dtype="float32")
     cfg["lora_effective"] = lora.attach_from_config(model, cfg)
     graphdef, trainable, frozen = lora.split_trainable(model, cfg["method"], cfg["lora"]["modules_to_save"])
-    checkpoints = Checkpoints(workdir, cfg["checkpoint"]["keep"])
+    checkpoints = Checkpoints(workdir, cfg["checkpoint"]["keep"], read_only=True)  # a training may be saving
     try:
         trainable, step = checkpoints.restore_trainable(trainable, step, best=best)
     finally:
@@ -47,16 +47,16 @@ def read_run_config(workdir: Path) -> dict:
 
 def sample_tokens(tokenizer_dir, cfg: dict | None, n: int = 3, length: int = 96) -> list[list[int]]:
     """A few validation samples (or fixed prompts when there is no data) to compare logits on."""
+    from jaxtune.config import split_list
     from jaxtune.data.formats import Formatter, FormatOptions
     from jaxtune.data.loader import load_records
 
     tokenizer = load_tokenizer(tokenizer_dir)
     if cfg:
-        source = (cfg["data"]["val"] or cfg["data"]["train"]).split(",")[0]
-        if source and Path(source).is_file():
-            opts = FormatOptions(cfg["data"]["format"], length, overlong="truncate",
-                                 chat_template=cfg["data"]["chat_template"] or None)
-            data = Formatter(tokenizer, opts).tokenize(load_records(source)[:n])
+        sources = split_list(cfg["data"]["val"]) or split_list(cfg["data"]["train"])
+        if sources and Path(sources[0]).is_file():
+            opts = FormatOptions.from_config(cfg, seq_len=length, overlong="truncate")
+            data = Formatter(tokenizer, opts).tokenize(load_records(sources[0])[:n])
             return [data.sample(i)[0].tolist() for i in range(len(data))]
     prompts = ["The capital of France is", "def fibonacci(n):", "Hello! How are you today?"]
     return [tokenizer(p)["input_ids"] for p in prompts[:n]]

@@ -18,9 +18,10 @@ from jaxtune.errors import JaxtuneError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axes, tried in order. A mesh axis that does not divide the dimension (e.g.
-# 3 KV heads over tensor=2) is dropped for that tensor, which then stays replicated on that axis.
-DEFAULT_RULES = {
+# Logical axis (the model's `axes` metadata) -> mesh axes, tried in order. A mesh axis that does not
+# divide the dimension (e.g. 3 KV heads over tensor=2) is dropped for that tensor, which then stays
+# replicated on that axis.
+RULES = {
     "batch": ("data", "fsdp"),
     "length": (),
     "act_embed": (),
@@ -31,14 +32,15 @@ DEFAULT_RULES = {
     "mlp": ("tensor",),
     "layers": (),
     "norm": (),
+    "lora_rank": (),
 }
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("jaxtune_mesh", default=None)
+_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxtune_mesh", default=None)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 meaning "all remaining devices"."""
-    devices = list(devices if devices is not None else jax.devices())
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the visible devices; one size may be -1: "all remaining devices"."""
+    devices = jax.devices()
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise JaxtuneError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
@@ -58,13 +60,16 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
-def spec(axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
-    """PartitionSpec for a tensor with logical `axes`, skipping mesh axes that do not divide it."""
-    rules = DEFAULT_RULES if rules is None else rules
+def spec(axes, shape, mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for a tensor with logical `axes`, skipping mesh axes that do not divide it.
+
+    Flax's logical-axis rules (flax.core.spmd, nnx.get_partition_spec) map names without looking at
+    shapes, so they cannot drop a mesh axis that does not divide a dimension; hence this function.
+    """
     used, out = set(), []
     for name, dim in zip(axes, shape):
         picked = []
-        for mesh_axis in rules.get(name, ()) if name else ():
+        for mesh_axis in RULES.get(name, ()) if name else ():
             size = mesh.shape[mesh_axis]
             if mesh_axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in picked) * size):
                 continue
@@ -74,39 +79,30 @@ def spec(axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
-    return NamedSharding(mesh, spec(axes, shape, mesh, rules))
+def named_sharding(axes, shape, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec(axes, shape, mesh))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
-    """NamedShardings for every Variable of an (abstract or concrete) NNX state, from its `axes`."""
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for every leaf of an (abstract or concrete) tree holding NNX Variables, from
+    each Variable's logical `axes`; any other leaf is replicated.
 
-    def one(var):
-        axes = getattr(var, "axes", None) or (None,) * len(var.shape)
-        return named_sharding(axes, var.shape, mesh, rules)
+    This covers optimizer states too: optax builds moments and accumulators with tree maps over the
+    parameters, which keep each parameter's nnx.Variable (and so its `axes`), so every moment lands
+    where its parameter is; step counters are plain arrays and stay replicated.
+    """
+
+    def one(leaf):
+        axes = getattr(leaf, "axes", None) or (None,) * len(leaf.shape)
+        return named_sharding(axes, leaf.shape, mesh)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def follow_params(abstract_tree, params, param_shardings, mesh: Mesh):
-    """Shardings for a tree that mirrors the parameters somewhere inside (optimizer moments, gradient
-    accumulators): a leaf whose path ends with a parameter's path takes that parameter's sharding,
-    anything else (step counters) is replicated."""
-    by_path = {path: s for (path, _), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                               jax.tree.leaves(param_shardings))}
-    lengths = sorted({len(p) for p in by_path}, reverse=True)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, _):
-        return next((by_path[path[-n:]] for n in lengths if len(path) >= n and path[-n:] in by_path), replicated)
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
-
-
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh | None, rules=None):
+def use_mesh(mesh: Mesh | None):
     """Within this block, `constrain` pins activations to the mesh by their logical names."""
-    token = _ACTIVE.set(None if mesh is None else (mesh, DEFAULT_RULES if rules is None else rules))
+    token = _ACTIVE.set(mesh)
     try:
         yield mesh
     finally:
@@ -115,8 +111,7 @@ def use_mesh(mesh: Mesh | None, rules=None):
 
 def constrain(x: jax.Array, axes) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
-    active = _ACTIVE.get()
-    if active is None:
+    mesh = _ACTIVE.get()
+    if mesh is None:
         return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))

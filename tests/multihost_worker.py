@@ -15,8 +15,10 @@ from jaxtune.data import loader  # noqa: E402
 rows = {name: np.arange(16 * 4, dtype=np.int32).reshape(16, 4) * (k + 1)
         for k, name in enumerate(("tokens", "targets", "weights", "segment_ids", "positions"))}
 mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
-batches = loader.Batches(rows, 8, seed=3, sharding=sharding.named_sharding(("batch", "length"), (8, 4), mesh))
-batch = next(batches)
+batches = loader.Batches(rows, 8, seed=3)
+local, _ = batches.next_step()
+batch_sharding = sharding.named_sharding(("batch", "length"), (8, 4), mesh)
+batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 local_rows = batches.local_indices(0, 0).tolist()
 total = int(jax.jit(lambda t: t.sum())(batch["tokens"]))  # a cross-host reduction over the global array
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "local_rows": local_rows,

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxtune.data.clean import DEFAULT_SLOP_FILE, CleanOptions, clean_records, load_phrases, register_cli
+from jaxtune.ingest.clean import DEFAULT_SLOP_FILE, CleanOptions, clean_records, load_phrases
 from jaxtune.errors import JaxtuneError
+from jaxtune.ingest.commands import register_cli
 
 RAW = Path(__file__).parent / "fixtures" / "raw"
 RECORDS = [json.loads(line) for line in (RAW / "clean_input.jsonl").read_text().splitlines()]

@@ -212,6 +212,21 @@ def test_weights_are_exactly_assistant_turns_plus_end_of_turn(tokenizer, turns):
     assert f.chat_spans(messages)[1] == f._chat_spans_by_prefix(messages)
 
 
-def test_first_fit_decreasing_is_tight():
-    bins = packing.first_fit_decreasing(np.array([60, 40, 50, 50, 30, 70]), 100)
+def test_best_fit_decreasing_is_tight():
+    bins = packing.best_fit_decreasing(np.array([60, 40, 50, 50, 30, 70]), 100)
     assert sorted(sorted(b) for b in bins) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_format_options_from_a_config_or_its_json():
+    import json
+
+    from jaxtune.config import base_config
+
+    cfg = base_config()
+    cfg.data.format, cfg.data.seq_len, cfg.data.overlong = "alpaca", 512, "split"
+    expected = FormatOptions("alpaca", 512, train_on_inputs=False, overlong="split", chat_template=None)
+    assert FormatOptions.from_config(cfg) == expected  # '' is the tokenizer's template
+    assert FormatOptions.from_config(json.loads(json.dumps(cfg.to_dict()))) == expected  # as in config.json
+    assert FormatOptions.from_config(cfg, seq_len=96, overlong="truncate") == FormatOptions("alpaca", 96)
+    cfg.data.chat_template = "chatml"
+    assert FormatOptions.from_config(cfg).chat_template == "chatml"

@@ -51,6 +51,25 @@ def test_bfloat16_params_save_as_bfloat16(tmp_path):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16 or model.dtype == torch.bfloat16
 
 
+def test_model_built_from_a_config_saves_from_that_config(tmp_path):
+    """No source directory: config.json is written from the ModelConfig, and transformers still loads it."""
+    from flax import nnx
+
+    from jaxtune import Llama
+
+    src, ref = make_hf_model(tmp_path / "src", num_key_value_heads=2)
+    loaded = from_pretrained(src)
+    assert loaded.source_path == str(src)
+    fresh = Llama(loaded.cfg, rngs=nnx.Rngs(1))
+    assert fresh.source_path is None
+    nnx.update(fresh, nnx.state(loaded))
+    out = save_pretrained(fresh, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    theirs = {k: v.numpy() for k, v in ref.state_dict().items()}
+    for name, tensor in load_with_transformers(out).state_dict().items():
+        assert np.array_equal(tensor.numpy(), theirs[name]), name
+
+
 def test_save_never_leaves_half_a_directory(tmp_path, monkeypatch):
     from jaxtune.models import hf
 

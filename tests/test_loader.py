@@ -146,19 +146,32 @@ def test_validation_split_is_deterministic_and_disjoint():
     assert (train.turn_ends_unlabelled, train.truncated) == (2, 3)
 
 
+def first_tokens(batches: loader.Batches) -> list[int]:
+    local, _ = batches.next_step()
+    return local["tokens"][:, 0].tolist()
+
+
 def test_batches_deterministic_and_resumable():
     rows = toy_rows(n=9)
     a = loader.Batches(rows, 3, seed=7)
-    seen = [next(a)["tokens"][:, 0].tolist() for _ in range(7)]  # 3 steps/epoch: crosses two epochs
+    seen = [first_tokens(a) for _ in range(7)]  # 3 steps/epoch: crosses two epochs
     assert seen[0] != seen[3]  # new order each epoch
     assert sorted(sum(seen[:3], [])) == sorted(sum(seen[3:6], []))  # same rows, reshuffled
     b = loader.Batches(rows, 3, seed=7)
     for _ in range(4):
-        next(b)
+        b.next_step()
     state = dict(b.state)
     c = loader.Batches(rows, 3, seed=7)
     c.state = state
-    assert [next(c)["tokens"][:, 0].tolist() for _ in range(3)] == seen[4:7]
+    assert [first_tokens(c) for _ in range(3)] == seen[4:7]
+
+
+def test_next_step_counts_supervised_tokens_of_the_global_batch():
+    rows = toy_rows(n=6)
+    rows["weights"] = (np.arange(6 * 8).reshape(6, 8) % 3 == 0).astype(np.float32)
+    batches = loader.Batches(rows, 3, seed=2)
+    _, supervised = batches.next_step()
+    assert supervised == int(rows["weights"][batches.order(0)[:3]].sum())
 
 
 def test_each_process_reads_its_slice(monkeypatch):
@@ -177,9 +190,10 @@ def test_each_process_reads_its_slice(monkeypatch):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 def test_global_batches_are_sharded_over_data_and_fsdp():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    batches = loader.Batches(toy_rows(n=16), 8, seed=0,
-                             sharding=sharding.named_sharding(("batch", "length"), (8, 8), mesh))
-    batch = next(batches)
+    batch_sharding = sharding.named_sharding(("batch", "length"), (8, 8), mesh)
+    batches = loader.Batches(toy_rows(n=16), 8, seed=0)
+    local, _ = batches.next_step()  # as the trainer does: this process's rows, then one global array
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
     assert batch["tokens"].shape == (8, 8) and batch["tokens"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), toy_rows(16)["tokens"][batches.order(0)[:8]])
 

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from jaxtune.data.prepare import Stats, prepare, read_records, register_cli
 from jaxtune.errors import JaxtuneError
+from jaxtune.ingest.commands import register_cli
+from jaxtune.ingest.prepare import Stats, prepare
+from jaxtune.ingest.read import read_records
 
 RAW = Path(__file__).parent / "fixtures" / "raw"
 ARTICLE = ("Sourdough starter basics\n"

@@ -6,7 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import make_hf_model, rel_err
-from jaxtune import JaxtuneError, from_pretrained, sharding
+from jaxtune import JaxtuneError, from_pretrained, lora, sharding
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced CPU) devices")
 
@@ -53,3 +53,37 @@ def test_indivisible_dims_stay_replicated():
     # 3 KV heads x 64 = 192 is divisible by 4, 6 is not; 9 (the vocab here) divides by neither
     assert sharding.spec(("embed", "kv_heads"), (64, 6), mesh) == P("fsdp", None)
     assert sharding.spec(("vocab", "embed"), (9, 64), mesh) == P(None, "fsdp")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_optimizer_state_sharded_like_its_parameters(tmp_path, method):
+    """Every moment and accumulator lies where the parameter it follows lies (found by path, the way a
+    reader would check it); step counters are replicated."""
+    import optax
+
+    from jaxtune.train import optim
+
+    path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model = lora.add_lora(from_pretrained(path, mesh=mesh), rank=4, alpha=8) if method == "lora" else from_pretrained(
+        path, mesh=mesh)
+    _, trainable, _ = lora.split_trainable(model, method, "embed_tokens" if method == "lora" else "")
+    tx = optim.optimizer(optax.constant_schedule(1e-3), weight_decay=0.1, max_grad_norm=1.0, b1=0.9, b2=0.999,
+                         grad_accum_steps=2)
+    param_shardings = sharding.state_shardings(trainable, mesh)
+    by_path = {p: s for (p, _), s in zip(jax.tree_util.tree_flatten_with_path(trainable)[0],
+                                         jax.tree.leaves(param_shardings))}
+    assert any(s.spec != P() for s in by_path.values())
+    opt_shardings = sharding.state_shardings(jax.eval_shape(tx.init, trainable), mesh)
+    followed = 0
+    for (leaf_path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, trainable))[0],
+                                    jax.tree.leaves(opt_shardings)):
+        param = next((by_path[leaf_path[-len(p):]] for p in by_path if leaf_path[-len(p):] == p), None)
+        if param is None:
+            assert leaf.ndim == 0 and s.spec == P(), leaf_path
+        else:
+            assert s == param, leaf_path
+            followed += 1
+    assert followed == 3 * len(by_path)  # Adam's mu and nu, MultiSteps' accumulated gradients
+    state = jax.jit(tx.init, out_shardings=opt_shardings)(jax.device_put(trainable, param_shardings))
+    assert all(x.sharding.spec == s.spec for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(opt_shardings)))

@@ -55,13 +55,15 @@ def test_accumulation_equals_one_big_batch(tmp_path, method):
         micro = 4 // k
         for i in range(k):
             chunk = {name: v[i * micro:(i + 1) * micro] for name, v in batch.items()}
-            trainable, opt_state, _ = step(trainable, frozen, opt_state, chunk, jnp.float32(total / k), None)
-        return trainable
+            trainable, opt_state, metrics = step(trainable, frozen, opt_state, chunk, jnp.float32(total / k), None)
+        return trainable, float(metrics["grad_norm"])
 
-    big, accumulated = one_update(1), one_update(2)
+    (big, big_norm), (accumulated, accumulated_norm) = one_update(1), one_update(2)
     for x, y in zip(jax.tree.leaves(big), jax.tree.leaves(accumulated)):
         err = float(jnp.linalg.norm(x - y) / jnp.linalg.norm(x))
         assert err < 1e-5, err
+    # the logged grad_norm is the accumulated gradient's (what the update uses), not the last micro-batch's
+    assert abs(accumulated_norm - big_norm) / big_norm < 1e-5, (accumulated_norm, big_norm)
     # and the update did something (the identity is not trivially true)
     before = lora.split_trainable(from_pretrained(path), "full")[1] if method == "full" else None
     if before is not None:

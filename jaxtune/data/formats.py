@@ -36,6 +36,15 @@ class FormatOptions:
     overlong: str = "truncate"  # truncate | drop | split
     chat_template: str | None = None  # None: the tokenizer's; "chatml": the fallback; else jinja text
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "FormatOptions":
+        """The options of a run's config: an ml_collections ConfigDict, or the plain dict of a run's
+        config.json (keys data.format, data.seq_len, data.train_on_inputs, data.overlong,
+        data.chat_template, where '' means the tokenizer's template). `overrides` replace fields."""
+        data = cfg["data"]
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**values, "chat_template": values["chat_template"] or None, **overrides})
+
     def __post_init__(self):
         if self.format not in FORMATS:
             raise JaxtuneError(f"data.format must be one of {FORMATS}, got {self.format!r}")

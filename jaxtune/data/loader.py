@@ -2,9 +2,9 @@
 
 The tokenization cache is keyed by the content of the data files, the tokenizer files and the format
 options, so the second run starts at once and any change to one of them re-tokenizes. Batches are
-shuffled deterministically per (seed, epoch); the iterator state (epoch, position) is two ints that
-checkpoints save. Each process reads only its slice of every global batch and the slices become one
-global array with `jax.make_array_from_process_local_data`.
+shuffled deterministically per (seed, epoch); the state (epoch, position) is two ints that
+checkpoints save. Each process reads only its slice of every global batch (`Batches.next_step`); the
+trainer joins the slices into one global array with `jax.make_array_from_process_local_data`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxtune.data import packing, prepare
-from jaxtune.data.preflight import DataReport
+from jaxtune.atomic import write_file
+from jaxtune.cache import cache_dir as default_cache_dir
+from jaxtune.data import packing, records
 from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
+from jaxtune.data.preflight import DataReport
 from jaxtune.errors import JaxtuneError
 
 CACHE_VERSION = 1
@@ -37,7 +39,7 @@ def load_located(source: str) -> tuple[list[dict], list[str] | None]:
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json") and path.is_file():  # file:line errors for hand-made data
         hint = f"or run `jaxtune prepare {path} --skip-bad-rows --out CLEAN.jsonl` to write a copy without them"
-        located = list(prepare.read_located(path, skip_hint=hint, stats=prepare.Stats()))
+        located = list(records.read_located(path, skip_hint=hint))
         return [record for _, record in located], [where for where, _ in located]
     return _other_records(source), None
 
@@ -109,9 +111,7 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
     Tokenization is one batch call per source into the Rust tokenizer, which encodes in parallel on
     all cores; chat templates are rendered once per conversation (see Formatter.chat_spans), so no
     Python process pool is needed (and none can deadlock on JAX's threads after a fork)."""
-    from jaxtune.assets import cache_dir as default_cache
-
-    cache = Path(cache_dir or default_cache() / "tokenized") / f"{_fingerprint(sources, tokenizer_dir, opts)}.npz"
+    cache = Path(cache_dir or default_cache_dir() / "tokenized") / f"{_fingerprint(sources, tokenizer_dir, opts)}.npz"
     if cache.is_file():
         z = np.load(cache)
         return Tokenized(z["ids"], z["weights"], z["offsets"], **{f: int(z[f]) for f in Tokenized.COUNTERS})
@@ -120,14 +120,12 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
     formatter = Formatter(load_tokenizer(tokenizer_dir), opts)
     parts = []
     for src in sources:
-        records, wheres = load_located(src)
-        parts.append(formatter.tokenize(records, src, wheres))
+        located, wheres = load_located(src)
+        parts.append(formatter.tokenize(located, src, wheres))
     data = _concat(parts) if parts else Tokenized.from_samples([])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, ids=data.ids, weights=data.weights, offsets=data.offsets,
-             **data.counters())
-    os.replace(tmp, cache)
+    write_file(cache, lambda f: np.savez(f, ids=data.ids, weights=data.weights, offsets=data.offsets,
+                                         **data.counters()), binary=True)
     return data
 
 
@@ -173,16 +171,15 @@ def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, 
 
 
 class Batches:
-    """Deterministic, resumable iterator of global batches over packed rows.
+    """Deterministic, resumable sequence of global batches over packed rows (`next_step`).
 
     Epoch e visits the rows in `permutation(seed, e)`; `state` = {"epoch", "position"} is all a
     checkpoint needs to continue exactly. An incomplete final batch of an epoch is dropped (static
     shapes); `len(rows) < global_batch` is an error.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, *, seed: int = 0, shuffle: bool = True,
-                 sharding=None):
-        self.rows, self.global_batch, self.seed, self.shuffle, self.sharding = rows, global_batch, seed, shuffle, sharding
+    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, *, seed: int = 0):
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
         self.n_rows = len(rows["tokens"])
         if self.n_rows < global_batch:
             raise JaxtuneError(f"only {self.n_rows} packed rows for a global batch of {global_batch}: "
@@ -193,8 +190,6 @@ class Batches:
             raise JaxtuneError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
 
     def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
 
     def local_indices(self, epoch: int, position: int) -> np.ndarray:
@@ -202,9 +197,6 @@ class Batches:
         batch = self.order(epoch)[position * self.global_batch:(position + 1) * self.global_batch]
         per_process = self.global_batch // jax.process_count()
         return batch[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-
-    def __iter__(self):
-        return self
 
     def next_step(self) -> tuple[dict, int]:
         """(this process's rows of the next global batch, supervised tokens in the whole global batch).
@@ -220,9 +212,3 @@ class Batches:
             epoch, position = epoch + 1, 0
         self.state = {"epoch": epoch, "position": position}
         return {k: v[idx] for k, v in self.rows.items()}, supervised
-
-    def __next__(self) -> dict:
-        local, _ = self.next_step()
-        if self.sharding is None:
-            return local
-        return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}

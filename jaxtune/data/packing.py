@@ -15,7 +15,7 @@ from jaxtune.data.formats import Tokenized
 ROW_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")
 
 
-def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of sample indices, longest first, each into the fullest bin that still fits it
     (best-fit decreasing: a sorted list of free space makes each placement O(log bins))."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
@@ -42,7 +42,7 @@ def pack(data: Tokenized, seq_len: int) -> dict[str, np.ndarray]:
     lengths = data.lengths
     if len(lengths) and lengths.max() > seq_len:
         raise ValueError(f"a sample of {lengths.max()} tokens exceeds seq_len={seq_len}; apply the overlong policy first")
-    bins = first_fit_decreasing(lengths, seq_len)
+    bins = best_fit_decreasing(lengths, seq_len)
     rows = {name: np.zeros((len(bins), seq_len), np.int32) for name in ROW_FIELDS}
     rows["weights"] = np.zeros((len(bins), seq_len), np.float32)
     for r, members in enumerate(bins):

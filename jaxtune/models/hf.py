@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
@@ -23,7 +22,7 @@ from safetensors.numpy import save_file
 from jaxtune import sharding
 from jaxtune.atomic import write_dir
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import Llama, ModelConfig
+from jaxtune.models.llama import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ROPE_TYPES, Llama, ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SHARD_BYTES = 5 * 1024**3
@@ -33,7 +32,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
 )
 
-# Our parameter path -> (HF name with {i} for the layer, transpose?). Torch Linear is [out, in].
+# The one table of HF names: our parameter path -> (HF tensor name, {i} standing for the layer of a
+# stacked `layers/...` parameter; stored transposed?). Torch Linear weights are [out, in], ours [in, out].
+# Everything else that names HF tensors or modules (hf_name, hf_module, the PEFT names in jaxtune.lora)
+# is derived from it.
 _LAYER = "model.layers.{i}."
 PARAM_MAP = {
     ("embed",): ("model.embed_tokens.weight", False),
@@ -42,10 +44,21 @@ PARAM_MAP = {
     ("layers", "attn_norm"): (_LAYER + "input_layernorm.weight", False),
     ("layers", "mlp_norm"): (_LAYER + "post_attention_layernorm.weight", False),
 }
-for _name, _module in [("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"),
-                       ("o_proj", "self_attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp")]:
-    PARAM_MAP[("layers", _name, "kernel")] = (f"{_LAYER}{_module}.{_name}.weight", True)
-    PARAM_MAP[("layers", _name, "bias")] = (f"{_LAYER}{_module}.{_name}.bias", False)
+for _parent, _names in (("self_attn", ATTENTION_PROJECTIONS), ("mlp", MLP_PROJECTIONS)):
+    for _name in _names:
+        PARAM_MAP[("layers", _name, "kernel")] = (f"{_LAYER}{_parent}.{_name}.weight", True)
+        PARAM_MAP[("layers", _name, "bias")] = (f"{_LAYER}{_parent}.{_name}.bias", False)
+
+
+def hf_name(path: tuple, layer: int | None = None) -> str:
+    """The HF tensor name of our parameter `path` (of layer `layer` for a stacked one)."""
+    name = PARAM_MAP[path][0]
+    return name.format(i=layer) if path[0] == "layers" else name
+
+
+def hf_module(path: tuple, layer: int | None = None) -> str:
+    """The HF module holding that tensor: 'model.layers.3.self_attn.q_proj', 'model.embed_tokens'."""
+    return hf_name(path, layer).rsplit(".", 1)[0]
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -77,8 +90,8 @@ def config_from_hf(hf: dict, *, dtype="float32", param_dtype="float32", remat="n
         raise JaxtuneError(f"{source}: missing keys {missing}")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise JaxtuneError(f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3)")
+    if rope_type not in ROPE_TYPES:
+        raise JaxtuneError(f"{source}: rope type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
     heads = hf["num_attention_heads"]
     window = hf.get("sliding_window") if model_type == "mistral" else None
     return ModelConfig(
@@ -110,7 +123,6 @@ class SafetensorsIndex:
     """Every tensor of a model directory by name, read lazily from single or sharded files."""
 
     def __init__(self, path: Path):
-        self.path = path
         index_file = path / "model.safetensors.index.json"
         if index_file.is_file():
             files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
@@ -162,16 +174,15 @@ def _declared_data_end(file: Path) -> int:
     return 8 + header_len + max(ends, default=0)
 
 
-def _hf_shape(cfg: ModelConfig, path: tuple, ours: tuple) -> tuple:
-    """The HF tensor shape one layer of our parameter corresponds to."""
+def _hf_shape(path: tuple, ours: tuple) -> tuple:
+    """The HF tensor shape one layer of our parameter (of shape `ours`) corresponds to."""
     per_layer = ours[1:] if path[0] == "layers" else ours
     return tuple(reversed(per_layer)) if PARAM_MAP[path][1] else per_layer
 
 
 def _reader(tensors: SafetensorsIndex, path: tuple, shape: tuple, dtype):
     """Callback for make_array_from_callback: reads one device's slice of one of our parameters."""
-    name, transpose = PARAM_MAP[path]
-    stacked = path[0] == "layers"
+    transpose = PARAM_MAP[path][1]
 
     def read_one(key, idx):
         if transpose:  # our [in, out] slice == their [out, in] slice, transposed
@@ -180,11 +191,11 @@ def _reader(tensors: SafetensorsIndex, path: tuple, shape: tuple, dtype):
 
     def callback(index):
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        if not stacked:
-            block = read_one(name, index[:])
+        if path[0] != "layers":
+            block = read_one(hf_name(path), index)
         else:
             layers = range(*index[0].indices(shape[0]))
-            block = np.stack([read_one(name.format(i=i), index[1:]) for i in layers])
+            block = np.stack([read_one(hf_name(path, i), index[1:]) for i in layers])
         return np.ascontiguousarray(block).astype(dtype)
 
     return callback
@@ -199,17 +210,17 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None) -> Llama:
     for var_path, var in nnx.to_flat_state(state):
         if var_path not in PARAM_MAP:
             raise JaxtuneError(f"internal: no HF name for parameter {'/'.join(var_path)}")
-        name = PARAM_MAP[var_path][0]
-        keys = [name.format(i=i) for i in range(cfg.num_layers)] if var_path[0] == "layers" else [name]
-        missing = [k for k in keys if k not in tensors]
+        stacked = var_path[0] == "layers"
+        names = [hf_name(var_path, i) for i in range(cfg.num_layers)] if stacked else [hf_name(var_path)]
+        missing = [name for name in names if name not in tensors]
         if missing:
             hint = " (config says tie_word_embeddings=false)" if var_path == ("lm_head",) else ""
             raise JaxtuneError(f"{path}: tensor {missing[0]} is missing from the safetensors files{hint}")
-        want = _hf_shape(cfg, var_path, var.shape)
-        for key in keys:
-            if tensors.shape(key) != want:
+        want = _hf_shape(var_path, var.shape)
+        for name in names:
+            if tensors.shape(name) != want:
                 raise JaxtuneError(
-                    f"{path}: tensor {key} has shape {list(tensors.shape(key))}, config.json implies "
+                    f"{path}: tensor {name} has shape {list(tensors.shape(name))}, config.json implies "
                     f"{list(want)}. The weights do not belong to this config.json."
                 )
         target = (sharding.named_sharding(var.axes, var.shape, mesh) if mesh is not None
@@ -229,10 +240,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=Non
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
                          source=str(path / "config.json"))
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    model = load_params(abstract, path, mesh)
-    model.source_path = str(path)
-    return model
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), source_path=str(path)))
+    return load_params(abstract, path, mesh)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -290,20 +299,20 @@ def hf_tensors(model: Llama):
     for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if var_path not in PARAM_MAP:
             continue  # not part of the HF base model (e.g. LoRA factors)
-        name, transpose = PARAM_MAP[var_path]
+        transpose = PARAM_MAP[var_path][1]
         if var_path[0] == "layers":
             for i in range(cfg.num_layers):
                 array = np.asarray(jax.device_get(var[...][i]))
-                yield name.format(i=i), (array.T if transpose else array)
+                yield hf_name(var_path, i), (array.T if transpose else array)
         else:
             array = np.asarray(jax.device_get(var[...]))
-            yield name, (array.T if transpose else array)
+            yield hf_name(var_path), (array.T if transpose else array)
 
 
 def hf_config_dict(model: Llama) -> dict:
     """config.json for `model`: the source checkpoint's, updated to this model's dtype."""
     cfg = model.cfg
-    source = getattr(model, "source_path", None)
+    source = model.source_path
     hf = read_hf_config(source) if source and (Path(source) / "config.json").is_file() else {
         "architectures": ["MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"],
         "model_type": "mistral" if cfg.sliding_window else "llama",
@@ -346,14 +355,13 @@ def write_hf_files(model: Llama, out: Path, *, shard_bytes: int = SHARD_BYTES,
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf = hf_config_dict(model)
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    source = Path(tokenizer_from or getattr(model, "source_path", "") or out)
+    source = Path(tokenizer_from or model.source_path or out)
     for fname in TOKENIZER_FILES + ("generation_config.json",):
         if (source / fname).is_file():
             shutil.copy2(source / fname, out / fname)
     if not (out / "generation_config.json").exists():
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-
 
 
 def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,

@@ -4,6 +4,9 @@ Layers are stored stacked ([layers, ...] parameters) and applied with `jax.lax.s
 model compiles one block. Parameters carry logical axis names in their `axes` metadata; which mesh
 axes those map to is decided in `jaxtune.sharding`, never here. Numerics follow `transformers`
 (rotate-half RoPE, float32 RMSNorm and softmax) so HF checkpoints load without permutation.
+
+Array suffixes name their axes: B batch, T query length, S key/value length, D model width,
+H query heads, K key/value heads, G query heads per key/value head, V vocabulary.
 """
 from __future__ import annotations
 
@@ -17,10 +20,18 @@ from flax import nnx
 
 from jaxtune import sharding
 
-REMAT_POLICIES = {
+# The linear projections of a layer, named as HF names the modules (LoRA targets, PEFT files and the
+# HF tensor names in `jaxtune.models.hf` all use these), in the attention / MLP groups HF nests them in.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+DTYPES = ("float32", "bfloat16")  # the compute / storage dtypes jaxtune supports (config keys, CLI flags)
+ROPE_TYPES = ("default", "linear", "llama3")  # the rope scalings rope_inv_freq implements
+REMAT_POLICIES = {  # ModelConfig.remat: what a layer keeps for the backward pass
     "none": None,  # keep every activation: fastest, most memory
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
 }
 
 
@@ -37,7 +48,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
+    rope_type: str = "default"  # one of ROPE_TYPES
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -46,13 +57,15 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "float32"  # compute dtype (DTYPES lists the supported ones)
     param_dtype: str = "float32"  # storage dtype
     remat: str = "none"  # a key of REMAT_POLICIES
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+            raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be one of {list(ROPE_TYPES)}, got {self.rope_type!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -85,29 +98,30 @@ def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray)
     return x_bthd * cos + rotated * sin
 
 
-def attention_mask(q_pos, q_seg, k_pos, k_seg, window: int | None) -> jax.Array:
+def attention_mask(q_pos, q_seg, kv_pos, kv_seg, window: int | None) -> jax.Array:
     """[B, T, S] boolean: same non-zero segment, causal by position, inside the sliding window.
 
+    q_* are the queries' positions and segment ids [B, T], kv_* those of the keys/values [B, S].
     Segment 0 marks padding (and empty cache slots). Causality by position rather than by index
     serves packed rows (positions restart per document) and the KV cache alike.
     """
-    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
     mask = same & causal
     if window is not None:
-        mask &= q_pos[:, :, None] - k_pos[:, None, :] < window
+        mask &= q_pos[:, :, None] - kv_pos[:, None, :] < window
     return mask
 
 
-def attention(q_bthd, k_bskd, v_bskd, mask_bts) -> jax.Array:
-    """Grouped-query attention: query head h reads key/value head h // (H / K)."""
+def attention(q_bthd, keys_bskd, values_bskd, mask_bts) -> jax.Array:
+    """Grouped-query attention: query head h reads key/value head h // G, G = H / K."""
     b, t, h, d = q_bthd.shape
-    k = k_bskd.shape[2]
-    q_btkgd = q_bthd.reshape(b, t, k, h // k, d)
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+    kv_heads = keys_bskd.shape[2]
+    q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q_btkgd, keys_bskd, preferred_element_type=jnp.float32)
     scores = jnp.where(mask_bts[:, None, None], scores * d**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v_bskd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values_bskd.dtype)
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, values_bskd)
     return out.reshape(b, t, h * d)
 
 
@@ -125,8 +139,7 @@ class Linear(nnx.Module):
     """x @ kernel (+ bias) (+ LoRA). kernel is [layers, in, out]; inside the layer scan [in, out].
 
     `jaxtune.lora.add_lora` sets lora_a [layers, in, r], lora_b [layers, r, out], the scale and the
-    dropout rate; the frozen kernel is only ever read through `x @ kernel`, so a quantized kernel can
-    replace it without touching the LoRA path.
+    dropout rate.
     """
 
     def __init__(self, layers, d_in, d_out, axes, *, bias, dtype, rngs):
@@ -135,21 +148,27 @@ class Linear(nnx.Module):
         self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # data slots: add_lora fills them
         self.lora_scale, self.lora_dropout = 0.0, 0.0
 
-    def __call__(self, x, rng=None):
+    def __call__(self, x, dropout_key=None):
         y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:
-            if rng is not None and self.lora_dropout > 0:
-                keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
+            if dropout_key is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
             h = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(x.dtype))
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
         return y
 
 
-class Block(nnx.Module):
-    """One decoder layer (pre-norm attention + SwiGLU MLP), built with all layers stacked."""
+class LayerStack(nnx.Module):
+    """Every decoder layer (pre-norm attention + SwiGLU MLP) at once: each parameter is stacked on a
+    leading [layers] axis. `Llama.hidden_states` scans over that axis and merges one layer's slice
+    back into this class, so `__call__` always runs a single layer.
+
+    It is `Llama.layers`; that name is part of every parameter path (`layers/q_proj/kernel`), which
+    orbax checkpoints and `jaxtune.models.hf.PARAM_MAP` are keyed by, so it stays.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs):
         n, d, pd = cfg.num_layers, cfg.hidden_size, jnp.dtype(cfg.param_dtype)
@@ -169,31 +188,35 @@ class Block(nnx.Module):
         self.down_proj = linear(cfg.intermediate_size, d, ("mlp", "embed"), cfg.mlp_bias)
 
     def __call__(self, x_btd, cfg: ModelConfig, positions, mask, inv_freq, kv=None, cache_index=None, rng=None):
-        """Returns (x, (k, v)). With `kv` (this layer's cache) new keys/values are written at
-        `cache_index` and attention reads the whole cache. `rng` (training only) drives LoRA dropout."""
+        """One layer: returns (x, (keys, values)). With `kv` (this layer's cache) the new keys/values
+        are written at `cache_index` and attention reads the whole cache. `rng` (training only)
+        drives LoRA dropout, one key per linear module."""
         b, t, _ = x_btd.shape
-        keys = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
+        drop = dict.fromkeys(LINEAR_MODULES) if rng is None else dict(
+            zip(LINEAR_MODULES, jax.random.split(rng, len(LINEAR_MODULES))))
         h = rms_norm(x_btd, self.attn_norm[...], cfg.rms_norm_eps)
-        q = self.q_proj(h, keys[0]).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(h, keys[1]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(h, keys[2]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = self.q_proj(h, drop["q_proj"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        keys = self.k_proj(h, drop["k_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        values = self.v_proj(h, drop["v_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, keys = apply_rope(q, positions, inv_freq), apply_rope(keys, positions, inv_freq)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
-        x_btd = x_btd + self.o_proj(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), keys[3])
+            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], keys.astype(kv[0].dtype), cache_index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(kv[1], values.astype(kv[1].dtype), cache_index, axis=1)
+        attended = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        x_btd = x_btd + self.o_proj(attended, drop["o_proj"])
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"))
         h = rms_norm(x_btd, self.mlp_norm[...], cfg.rms_norm_eps)
-        x_btd = x_btd + self.down_proj(jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
-        return sharding.constrain(x_btd, ("batch", "length", "act_embed")), (k, v)
+        gated = jax.nn.silu(self.gate_proj(h, drop["gate_proj"])) * self.up_proj(h, drop["up_proj"])
+        x_btd = x_btd + self.down_proj(gated, drop["down_proj"])
+        return sharding.constrain(x_btd, ("batch", "length", "act_embed")), (keys, values)
 
 
 @dataclasses.dataclass
 class KVCache:
     """Keys/values for every layer plus the position and segment of each slot (segment 0 = empty)."""
 
-    k: jax.Array  # [layers, B, S, kv_heads, head_dim]
-    v: jax.Array
+    keys: jax.Array  # [layers, B, S, K, head_dim]
+    values: jax.Array  # [layers, B, S, K, head_dim]
     positions: jax.Array  # [B, S]
     segments: jax.Array  # [B, S]
     index: jax.Array  # scalar: next slot to write
@@ -206,15 +229,24 @@ class KVCache:
         return cls(zeros, zeros, slots, slots, jnp.zeros((), jnp.int32))
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "positions", "segments", "index"], meta_fields=[])
+jax.tree_util.register_dataclass(KVCache, data_fields=["keys", "values", "positions", "segments", "index"],
+                                 meta_fields=[])
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """The decoder: `embed`, `layers` (a LayerStack: every layer, stacked), `final_norm` and, unless
+    the embeddings are tied, `lm_head`.
+
+    `source_path` is the HF directory the weights came from (`jaxtune.from_pretrained` sets it;
+    None for a model built from a config): saving copies its config.json and tokenizer files.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, source_path: str | None = None):
         self.cfg = cfg
+        self.source_path = source_path
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), pd, ("vocab", "embed"))
-        self.layers = Block(cfg, rngs=rngs)
+        self.layers = LayerStack(cfg, rngs=rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), pd, ("norm",), nnx.initializers.ones)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), pd, ("embed", "vocab"))
@@ -238,29 +270,27 @@ class Llama(nnx.Module):
             mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, cfg.sliding_window)
             kv_layers = None
         else:
-            k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions_bt, cache.index, axis=1)
-            k_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segment_ids_bt, cache.index, axis=1)
-            mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg, cfg.sliding_window)
-            kv_layers = (cache.k, cache.v)
+            kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions_bt, cache.index, axis=1)
+            kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segment_ids_bt, cache.index, axis=1)
+            mask = attention_mask(positions_bt, segment_ids_bt, kv_pos, kv_seg, cfg.sliding_window)
+            kv_layers = (cache.keys, cache.values)
         inv_freq = rope_inv_freq(cfg)
         graphdef, layer_state = nnx.split(self.layers)
-
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
         def body(x, scanned):
             state, kv, layer_rng = scanned
-            block = nnx.merge(graphdef, state)
-            x, new_kv = block(x, cfg, positions_bt, mask, inv_freq, kv, None if cache is None else cache.index, layer_rng)
+            layer = nnx.merge(graphdef, state)  # one layer's slice of the stack
+            x, new_kv = layer(x, cfg, positions_bt, mask, inv_freq, kv, None if cache is None else cache.index, layer_rng)
             return x, (new_kv if cache is not None else None)
 
-        policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         x, new_kv = jax.lax.scan(body, x, (layer_state, kv_layers, layer_rngs))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cache is None:
             return x
-        return x, KVCache(new_kv[0], new_kv[1], k_pos, k_seg, cache.index + t)
+        return x, KVCache(new_kv[0], new_kv[1], kv_pos, kv_seg, cache.index + t)
 
     def unembed(self) -> jax.Array:
         """The output projection [D, V] (the transposed embedding when tied)."""

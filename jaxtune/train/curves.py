@@ -3,42 +3,17 @@ underfit = training loss flat/high, or still falling at the end; overfit = train
 validation loss reaches a minimum and rises again (stop at the minimum); well-fit = both settle."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from jaxtune.errors import JaxtuneError
+from jaxtune.train.metrics import points, read_metrics
 
 FLAT = 0.02  # relative change below which a curve counts as flat
 RISE = 0.02  # relative rise of eval loss above its minimum that counts as overfitting
 
 
 COLLAPSE = 0.02  # relative distance of the loss from ln(vocab) (a uniform guess) that counts as collapsed
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    """The events of metrics.jsonl. An append-only log killed mid-write ends in a torn line: that
-    last line is dropped with a warning; a damaged line elsewhere is an error naming file:line."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = path.read_text(errors="replace").splitlines()
-    events = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-            if not isinstance(event, dict) or not isinstance(event.get("step"), int):
-                raise ValueError("not an event with a step")
-        except ValueError as e:
-            if n == len(lines):
-                print(f"warning: {path}:{n}: incomplete last line (a write was cut short); ignored")
-                continue
-            raise JaxtuneError(f"{path}:{n}: damaged line ({e}); remove that line to go on") from None
-        events.append(event)
-    return events
 
 
 def diagnose(train: list[tuple[int, float]], evals: list[tuple[int, float]], *,
@@ -78,8 +53,7 @@ def diagnose(train: list[tuple[int, float]], evals: list[tuple[int, float]], *,
 def diagnose_metrics(metrics: list[dict], vocab_size: int | None = None) -> dict:
     """`diagnose` on the events of metrics.jsonl."""
     norms = [m.get("grad_norm") for m in metrics if "loss" in m]
-    return diagnose([(m["step"], m["loss"]) for m in metrics if "loss" in m],
-                    [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m],
+    return diagnose(points(metrics, "loss"), points(metrics, "eval_loss"),
                     grad_norms=None if None in norms else norms, vocab_size=vocab_size)
 
 
@@ -109,8 +83,7 @@ def plot(workdir: Path, metrics: list[dict] | None = None, vocab_size: int | Non
     import matplotlib.pyplot as plt
 
     metrics = read_metrics(workdir) if metrics is None else metrics
-    train = [(m["step"], m["loss"], m.get("lr")) for m in metrics if "loss" in m]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    train, evals, lrs = points(metrics, "loss"), points(metrics, "eval_loss"), points(metrics, "lr")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         ax.plot([t[0] for t in train], [t[1] for t in train], label="train loss", color="tab:blue")
@@ -119,9 +92,9 @@ def plot(workdir: Path, metrics: list[dict] | None = None, vocab_size: int | Non
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    if train and any(t[2] is not None for t in train):
+    if lrs:
         lr_ax = ax.twinx()
-        lr_ax.plot([t[0] for t in train], [t[2] for t in train], color="tab:gray", alpha=0.5, label="lr")
+        lr_ax.plot([t[0] for t in lrs], [t[1] for t in lrs], color="tab:gray", alpha=0.5, label="lr")
         lr_ax.set_ylabel("learning rate")
     verdict = diagnose_metrics(metrics, vocab_size)
     ax.set_title(f"{Path(workdir).name}: {verdict['diagnosis']}")

@@ -1,21 +1,32 @@
-"""`jaxtune train`: a recipe to read top to bottom.
+"""`jaxtune train`: a recipe to read top to bottom, one function per phase.
 
-model onto the mesh -> LoRA or full split -> data (preflight first) -> optimizer -> resume if the
-workdir has checkpoints -> steps (metrics stay on device until a log step) -> eval / early stopping /
-checkpoints -> curves.png, summary.json.
+    setup_data       records -> packed rows, with the preflight (before any model loads)
+    open_run_dir     the workdir's checkpoints; a resume must be the same run (identity)
+    setup_model      the mesh, the model streamed onto it, LoRA attached, trainable ⟂ frozen
+    setup_optimizer  steps, learning rate, the optax chain and its sharded state
+    compile_steps    the jitted train / eval steps with explicit shardings
+    restore          the newest checkpoint that verifies, or a fresh start (baseline eval)
+    run              the loop: steps, logging, eval, early stopping, checkpoints, signals
+    finish           curves.png, summary.json, the diagnosis, a reply
+
+Each phase is a function a notebook can call; `train` calls them in order. What the loop changes
+(step, best eval, last saved step, why it stopped) lives in one `LoopState`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -28,33 +39,9 @@ from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import from_pretrained, load_tokenizer, resolve_model_path
 from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
+from jaxtune.train.metrics import MetricsLog, points
 from jaxtune.train.run_dir import WorkdirLock, check_writable
 from jaxtune.train.step import make_eval_step, make_train_step
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per log or eval event), optionally mirrored to TensorBoard."""
-
-    def __init__(self, workdir: Path, resume_step: int | None, tensorboard: bool):
-        """Keep the events up to the resumed step (none on a fresh start): the steps after it are redone."""
-        self.path = workdir / "metrics.jsonl"
-        kept = [m for m in curves.read_metrics(workdir) if resume_step is not None and m["step"] <= resume_step]
-        write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
-        self.events = kept
-        self.tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter  # optional
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, event: dict):
-        self.events.append(event)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
-        if self.tb:
-            for k, v in event.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, event["step"])
 
 
 class StopSignal:
@@ -77,56 +64,82 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def eval_batches(rows: dict, batch: int, max_batches: int):
-    """Fixed-shape batches over every validation row; the last is padded with zero-weight rows."""
-    n = len(rows["tokens"])
-    starts = list(range(0, n, batch))[: max_batches or None]
-    for s in starts:
-        idx = np.arange(s, s + batch) % n
-        chunk = {k: v[idx] for k, v in rows.items()}
-        chunk["weights"] = np.where((np.arange(s, s + batch) < n)[:, None], chunk["weights"], 0).astype(np.float32)
-        yield chunk
+@dataclasses.dataclass
+class Data:
+    model_dir: str
+    tokenizer: object
+    packed: loader.PackedData
 
 
-def reply(model, tokenizer, model_dir, prompt: str, max_new_tokens: int) -> str:
-    from jaxtune.generate import generate, prompt_ids, stop_token_ids
-
-    [ids] = generate(model, [prompt_ids(tokenizer, prompt, chat=bool(tokenizer.chat_template))],
-                     max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer, model_dir))
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def train(cfg, *, progress=None) -> dict:
-    """Run (or resume) the training described by a validated config; returns the summary.
-    One training per workdir at a time: a second one is refused while this one holds the lock."""
-    workdir = Path(cfg.workdir)
-    with WorkdirLock(workdir, held=jax.process_index() == 0):  # hosts of one pod run share the workdir
-        return _train(cfg, workdir, cfg.log.progress if progress is None else progress)
+@dataclasses.dataclass
+class Model:
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    trainable: nnx.State
+    frozen: nnx.State
+    vocab_size: int
 
 
-def _train(cfg, workdir: Path, show: bool) -> dict:
-    check_writable(workdir)
+@dataclasses.dataclass
+class Optimizer:
+    tx: optax.GradientTransformation
+    state: optax.OptState
+    lr_schedule: optax.Schedule
+    batches: loader.Batches
+    steps: int  # optimizer updates in the whole run
+    resolved: dict  # what the config resolved to (peak lr, steps, epochs, ...), recorded in config.json
 
-    # --- data: preflight before anything (a big model) loads ------------------------------------
+
+@dataclasses.dataclass
+class Steps:
+    train_step: Callable  # (trainable, frozen, opt_state, batch, supervised_per_micro_step, rng) -> ...
+    eval_step: Callable  # (trainable, frozen, batch) -> (loss sum, tokens)
+    batch_sharding: NamedSharding
+
+    def to_device(self, local: dict) -> dict:
+        """This process's rows -> global arrays over the mesh."""
+        return {name: jax.make_array_from_process_local_data(self.batch_sharding, v) for name, v in local.items()}
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop changes, in one place; a checkpoint records `step` and `best` (and the data state)."""
+    step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"eval_loss": math.inf, "step": None, "evals_since_best": 0})
+    last_saved: int | None = None
+    stop_reason: str | None = None
+    stopped_by: str | None = None  # the signal that stopped the run, if one did
+
+
+# --- the phases ---------------------------------------------------------------------------------------
+
+def setup_data(cfg) -> Data:
+    """Tokenize, hold out, pack and check the data: bad data fails before a big model loads."""
     model_dir = str(resolve_model_path(cfg.model.path))
     tokenizer = load_tokenizer(model_dir)
-    opts = FormatOptions(cfg.data.format, cfg.data.seq_len, cfg.data.train_on_inputs, cfg.data.overlong,
-                         cfg.data.chat_template or None)
-    data = loader.build(split_list(cfg.data.train), model_dir, opts, val_sources=split_list(cfg.data.val),
-                        val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-    print(f"train data:\n{data.train_report.text()}")
-    if data.val_report is not None:
-        print(f"validation data:\n{data.val_report.text()}")
-    data.train_report.check()
+    opts = FormatOptions.from_config(cfg)
+    packed = loader.build(split_list(cfg.data.train), model_dir, opts, val_sources=split_list(cfg.data.val),
+                          val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    print(f"train data:\n{packed.train_report.text()}")
+    if packed.val_report is not None:
+        print(f"validation data:\n{packed.val_report.text()}")
+    packed.train_report.check()
+    return Data(model_dir, tokenizer, packed)
 
-    # --- the run's identity: a resume must be the same run (checked before anything is written) -----
-    flat_cfg = flatten(cfg.to_dict())
-    ident = run_dir.identity(Path(model_dir), data.train)
+
+def open_run_dir(cfg, data: Data) -> tuple[Checkpoints, dict]:
+    """(checkpoints, identity): a workdir with checkpoints must hold this same run; checked before
+    anything is written or loaded."""
+    workdir = Path(cfg.workdir)
+    identity = run_dir.identity(Path(data.model_dir), data.packed.train)
     checkpoints = Checkpoints(workdir, cfg.checkpoint.keep)
     if checkpoints.any():
-        run_dir.check_resume(workdir, flat_cfg, ident, split_list(cfg.resume.allow_changes))
+        run_dir.check_resume(workdir, flatten(cfg.to_dict()), identity, split_list(cfg.resume.allow_changes))
+    return checkpoints, identity
 
-    # --- mesh and model ----------------------------------------------------------------------------
+
+def setup_model(cfg, model_dir: str) -> Model:
+    """The mesh, the weights streamed onto it, LoRA attached, and the trainable ⟂ frozen split."""
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.micro_batch_size % batch_ways:
@@ -140,42 +153,52 @@ def _train(cfg, workdir: Path, show: bool) -> dict:
                             remat=cfg.model.remat, mesh=mesh)
     lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
-    trainable_shardings = sharding.state_shardings(trainable, mesh)
-    trainable = jax.device_put(trainable, trainable_shardings)
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
     print(f"model {model_dir}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
           f"({cfg.method}), mesh {dict(mesh.shape)}")
+    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size)
 
-    k = cfg.train.grad_accum_steps
-    rows_per_update = cfg.train.micro_batch_size * k
-    batches = loader.Batches(data.train, rows_per_update, seed=cfg.seed)
+
+def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:
+    """Steps and epochs, the peak learning rate ('auto' prints its arithmetic), the optax chain, and
+    its state sharded like the parameters it follows."""
+    report = data.packed.train_report
+    accum_steps = cfg.train.grad_accum_steps
+    batches = loader.Batches(data.packed.train, cfg.train.micro_batch_size * accum_steps, seed=cfg.seed)
     steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * batches.steps_per_epoch))
     epochs = steps / batches.steps_per_epoch
-
     if cfg.train.lr == "auto":
-        peak_lr, arithmetic = optim.auto_lr(cfg.train.base_lr, data.train_report.supervised_tokens, steps, epochs,
+        peak_lr, arithmetic = optim.auto_lr(cfg.train.base_lr, report.supervised_tokens, steps, epochs,
                                             cfg.train.pretrained_batch_tokens)
         print(arithmetic)
     else:
         peak_lr = float(cfg.train.lr)
     lr_schedule = optim.schedule(cfg.train.schedule, peak_lr, steps, cfg.train.warmup_steps)
     tx = optim.optimizer(lr_schedule, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
-                         b1=cfg.train.b1, b2=cfg.train.b2, grad_accum_steps=k)
-    opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, trainable), trainable, trainable_shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    resolved = {**cfg.to_dict(), "identity": ident,
-                "resolved": {"peak_lr": peak_lr, "steps": steps, "epochs": epochs,
-                             "steps_per_epoch": batches.steps_per_epoch, "vocab_size": model.cfg.vocab_size,
-                             "supervised_tokens_per_epoch": data.train_report.supervised_tokens}}
+                         b1=cfg.train.b1, b2=cfg.train.b2, grad_accum_steps=accum_steps)
+    state = jax.jit(tx.init, out_shardings=opt_shardings(tx, model))(model.trainable)
+    resolved = {"peak_lr": peak_lr, "steps": steps, "epochs": epochs, "steps_per_epoch": batches.steps_per_epoch,
+                "vocab_size": model.vocab_size, "supervised_tokens_per_epoch": report.supervised_tokens}
+    return Optimizer(tx, state, lr_schedule, batches, steps, resolved)
 
-    # --- compiled steps with explicit shardings ---------------------------------------------------
+
+def opt_shardings(tx: optax.GradientTransformation, model: Model):
+    """Optimizer state placed like the parameter each moment follows (its leaves keep the parameter's
+    logical axes), counters replicated: a bare `jit(tx.init)` would leave step counters on one device."""
+    return sharding.state_shardings(jax.eval_shape(tx.init, model.trainable), model.mesh)
+
+
+def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
+    """The train and eval steps, jitted once with explicit shardings; the train step donates the
+    parameters and optimizer state it replaces."""
+    mesh = model.mesh
+    shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
+    trainable_s, frozen_s, opt_s = shardings_of(model.trainable), shardings_of(model.frozen), shardings_of(opt.state)
     batch_sharding = sharding.named_sharding(("batch", "length"), (cfg.train.micro_batch_size, cfg.data.seq_len), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_shardings = {name: batch_sharding for name in data.train}
-    step_fn = make_train_step(graphdef, tx, cfg.train.loss_chunk)
-    eval_fn = make_eval_step(graphdef, cfg.train.loss_chunk)
+    batch_s = {name: batch_sharding for name in opt.batches.rows}
 
     def in_mesh(fn):
         @functools.wraps(fn)
@@ -184,137 +207,214 @@ def _train(cfg, workdir: Path, show: bool) -> dict:
                 return fn(*args)
         return wrapped
 
-    train_step = jax.jit(in_mesh(step_fn), donate_argnums=(0, 2),
-                         in_shardings=(trainable_shardings, frozen_shardings, opt_shardings, batch_shardings,
-                                       replicated, replicated),
-                         out_shardings=(trainable_shardings, opt_shardings, replicated))
-    eval_step = jax.jit(in_mesh(eval_fn), in_shardings=(trainable_shardings, frozen_shardings, batch_shardings),
-                        out_shardings=replicated)
+    train_step = jax.jit(in_mesh(make_train_step(model.graphdef, opt.tx, cfg.train.loss_chunk)), donate_argnums=(0, 2),
+                         in_shardings=(trainable_s, frozen_s, opt_s, batch_s, replicated, replicated),
+                         out_shardings=(trainable_s, opt_s, replicated))
+    eval_step = jax.jit(in_mesh(make_eval_step(model.graphdef, cfg.train.loss_chunk)),
+                        in_shardings=(trainable_s, frozen_s, batch_s), out_shardings=replicated)
+    return Steps(train_step, eval_step, batch_sharding)
 
-    def to_device(local: dict) -> dict:
-        return {name: jax.make_array_from_process_local_data(batch_sharding, v) for name, v in local.items()}
 
-    def evaluate(trainable) -> float | None:
-        if data.val is None:
-            return None
-        sums = [eval_step(trainable, frozen, to_device(b))
-                for b in eval_batches(data.val, cfg.train.micro_batch_size, cfg.eval.max_batches)]
-        loss_sum, tokens = np.sum(jax.device_get(sums), axis=0)
-        return float(loss_sum / max(tokens, 1))
+def restore(cfg, checkpoints: Checkpoints, model: Model, opt: Optimizer) -> LoopState:
+    """Continue from the newest checkpoint that verifies (parameters, optimizer state, data position,
+    best eval); a fresh start is step 0."""
+    restored = checkpoints.restore_latest(model.trainable, opt.state)
+    if restored is None:
+        return LoopState()
+    model.trainable, opt.state, meta = restored
+    opt.batches.state = meta["data_state"]
+    print(f"resumed from {Path(cfg.workdir) / 'checkpoints'} at step {meta['step']}")
+    return LoopState(step=meta["step"], best=meta["best"], last_saved=meta["step"])
 
-    # --- resume from the newest checkpoint that verifies --------------------------------------------
-    step, best = 0, {"eval_loss": math.inf, "step": None, "evals_since_best": 0}
-    restored = checkpoints.restore_latest(trainable, opt_state)
-    if restored is not None:
-        trainable, opt_state, meta = restored
-        step, best = meta["step"], meta["best"]
-        batches.state = meta["data_state"]
-        print(f"resumed from {workdir / 'checkpoints'} at step {step}")
-    write_text(workdir / "config.json", json.dumps(resolved, indent=2))
-    log = MetricsLog(workdir, step if restored is not None else None, cfg.log.tensorboard)
 
-    def save(trainable, opt_state, *, best_copy=False):
-        meta = {"step": step, "data_state": batches.state, "best": best}
-        checkpoints.save(step, trainable, opt_state, meta, best=best_copy)
+def evaluate(cfg, model: Model, data: Data, steps: Steps) -> float:
+    """Token-weighted loss over the validation rows (capped by eval.max_batches)."""
+    sums = [steps.eval_step(model.trainable, model.frozen, steps.to_device(b))
+            for b in eval_batches(data.packed.val, cfg.train.micro_batch_size, cfg.eval.max_batches)]
+    loss_sum, tokens = np.sum(jax.device_get(sums), axis=0)
+    return float(loss_sum / max(tokens, 1))
 
-    if step == 0:
-        if cfg.eval.prompt:
-            print(f"before: {reply(nnx.merge(graphdef, trainable, frozen), tokenizer, model_dir, cfg.eval.prompt, cfg.eval.max_new_tokens)}")
-        if data.val is not None:  # the baseline the curves and the summary compare against
-            log.write({"step": 0, "eval_loss": evaluate(trainable)})
-            print(f"step 0: eval loss {log.events[-1]['eval_loss']:.4f}")
 
-    # --- the loop -----------------------------------------------------------------------------------
-    from tqdm import tqdm
+def eval_batches(rows: dict, batch: int, max_batches: int):
+    """Fixed-shape batches over every validation row; the last is padded with zero-weight rows."""
+    n = len(rows["tokens"])
+    starts = list(range(0, n, batch))[: max_batches or None]
+    for s in starts:
+        idx = np.arange(s, s + batch) % n
+        chunk = {k: v[idx] for k, v in rows.items()}
+        chunk["weights"] = np.where((np.arange(s, s + batch) < n)[:, None], chunk["weights"], 0).astype(np.float32)
+        yield chunk
 
-    base_key = jax.random.key(cfg.seed)
-    micro = cfg.train.micro_batch_size // jax.process_count()
-    window = None  # on-device sums since the last log step
-    window_tokens, window_start = 0, time.perf_counter()
-    last_saved = step if restored is not None else None
-    stop_reason, stopped_by = None, None
-    bar = tqdm(total=steps, initial=step, disable=not show, unit="step", dynamic_ncols=True)
 
-    def finite_or_halt(loss: float, param_norm: float):
-        if not (math.isfinite(loss) and math.isfinite(param_norm)):
-            checkpoints.wait()
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"the parameters became {param_norm}"
-            kept = (f"The last good checkpoint (step {last_saved}) in {workdir / 'checkpoints'} is kept" if last_saved
-                    is not None else "No checkpoint was saved before it")
-            raise JaxtuneError(f"{what} at step {step}: training stopped. {kept}; lower train.lr or check the data")
+def reply(cfg, model: Model, data: Data) -> str:
+    """The model's answer to eval.prompt, greedy."""
+    from jaxtune.generate import generate, prompt_ids, stop_token_ids
 
-    with StopSignal() as stop:
-        while step < steps:
-            local, supervised = batches.next_step()
-            norm = jnp.float32(max(supervised, 1) / k)
-            for i in range(k):
-                chunk = {name: v[i * micro:(i + 1) * micro] for name, v in local.items()}
-                window_tokens += int((chunk["segment_ids"] > 0).sum()) * jax.process_count()
-                rng = jax.random.fold_in(base_key, step * k + i)
-                trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, to_device(chunk), norm, rng)
-                window = metrics if window is None else {
-                    **metrics, "loss_sum": window["loss_sum"] + metrics["loss_sum"],
-                    "tokens": window["tokens"] + metrics["tokens"]}
-            step += 1
-            bar.update(1)
-            checkpoints.check()  # a failed background save stops the run now, not steps later
-            at_log = step % cfg.log.every_steps == 0 or step == steps
-            at_eval = (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == steps
-            signalled = stop.received  # read once: a signal arriving after this is handled at the next step
-            at_save = step % cfg.checkpoint.every_steps == 0 or step == steps or signalled
-            if at_log or at_save or at_eval:
-                host = jax.device_get(window)
-                loss = float(host["loss_sum"] / max(host["tokens"], 1))
-                finite_or_halt(loss, float(host["param_norm"]))
-            if at_log:
-                elapsed = time.perf_counter() - window_start
-                event = {"step": step, "loss": loss, "lr": float(lr_schedule(step - 1)),
-                         "grad_norm": float(host["grad_norm"]), "tokens": int(host["tokens"]),
-                         "tokens_per_s": round(window_tokens / elapsed, 1)}
-                log.write(event)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{event['lr']:.2e}", tok_s=f"{event['tokens_per_s']:.0f}")
-                window, window_tokens, window_start = None, 0, time.perf_counter()
-            if at_eval and data.val is not None:
-                eval_loss = evaluate(trainable)
-                log.write({"step": step, "eval_loss": eval_loss})
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
-                if eval_loss < best["eval_loss"]:
-                    best = {"eval_loss": eval_loss, "step": step, "evals_since_best": 0}
-                    save(trainable, opt_state, best_copy=True)
-                else:
-                    best["evals_since_best"] += 1
-                curves.plot(workdir, log.events, model.cfg.vocab_size)
-                patience = cfg.eval.early_stopping_patience
-                if patience and best["evals_since_best"] >= patience:
-                    stop_reason = f"early stopping: no better eval loss for {patience} evals (best at step {best['step']})"
-            if at_save or stop_reason:
-                save(trainable, opt_state)
-                last_saved = step
-            if signalled and step < steps:
-                stop_reason = f"{signalled} received: checkpoint saved at step {step}; re-run to resume"
-                stopped_by = signalled
-            if stop_reason:
-                break
-    bar.close()
-    try:
-        checkpoints.wait()
-    finally:
-        checkpoints.close()
+    tokenizer = data.tokenizer
+    [ids] = generate(nnx.merge(model.graphdef, model.trainable, model.frozen),
+                     [prompt_ids(tokenizer, cfg.eval.prompt, chat=bool(tokenizer.chat_template))],
+                     max_new_tokens=cfg.eval.max_new_tokens, stop_ids=stop_token_ids(tokenizer, data.model_dir))
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    # --- the end: curves, summary, a reply --------------------------------------------------------
-    curves.plot(workdir, log.events, model.cfg.vocab_size)
-    train_points = [(m["step"], m["loss"]) for m in log.events if "loss" in m]
-    eval_points = [(m["step"], m["eval_loss"]) for m in log.events if "eval_loss" in m]
-    verdict = curves.diagnose_metrics(log.events, model.cfg.vocab_size)
-    summary = {"steps": step, "final_loss": train_points[-1][1] if train_points else None,
+
+class Loop:
+    """The training loop over prepared phases: `run()` reads like the algorithm, the helpers below it
+    say what one step, one log, one eval and one save do."""
+
+    def __init__(self, cfg, data: Data, model: Model, opt: Optimizer, steps: Steps, checkpoints: Checkpoints,
+                 state: LoopState, log: MetricsLog, *, progress: bool):
+        self.cfg, self.data, self.model, self.opt, self.steps = cfg, data, model, opt, steps
+        self.checkpoints, self.state, self.log, self.progress = checkpoints, state, log, progress
+        self.window = None  # on-device metric sums since the last log step
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.host, self.loss = None, math.nan  # the window as read at the last log/eval/save step
+        self.base_key = jax.random.key(cfg.seed)  # dropout: one key per micro-step, folded in
+
+    def run(self) -> LoopState:
+        from tqdm import tqdm
+
+        cfg, state, total = self.cfg, self.state, self.opt.steps
+        bar = tqdm(total=total, initial=state.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        with StopSignal() as stop:
+            while state.step < total and state.stop_reason is None:
+                self.update()
+                state.step += 1
+                bar.update(1)
+                self.checkpoints.check()  # a failed background save stops the run now, not steps later
+                signalled = stop.received  # read once: a signal arriving later is handled at the next step
+                at_log = state.step % cfg.log.every_steps == 0 or state.step == total
+                at_eval = (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or state.step == total
+                at_save = state.step % cfg.checkpoint.every_steps == 0 or state.step == total or signalled
+                if at_log or at_eval or at_save:
+                    self.halt_unless_finite()
+                if at_log:
+                    bar.set_postfix(self.log_window())
+                if at_eval and self.data.packed.val is not None:
+                    bar.write(self.eval_and_keep_best())
+                if at_save or state.stop_reason:
+                    self.save()
+                if signalled and state.step < total:
+                    state.stop_reason = f"{signalled} received: checkpoint saved at step {state.step}; re-run to resume"
+                    state.stopped_by = signalled
+        bar.close()
+        try:
+            self.checkpoints.wait()
+        finally:
+            self.checkpoints.close()
+        return state
+
+    def update(self):
+        """One optimizer update: k micro-steps whose loss is normalised by the supervised tokens of the
+        whole global batch, so uneven micro-batches add up to exactly one big batch."""
+        cfg, model, opt = self.cfg, self.model, self.opt
+        accum_steps = cfg.train.grad_accum_steps
+        local, supervised = opt.batches.next_step()
+        supervised_per_micro_step = jnp.float32(max(supervised, 1) / accum_steps)  # MultiSteps averages k grads
+        rows = cfg.train.micro_batch_size // jax.process_count()
+        for i in range(accum_steps):
+            chunk = {name: v[i * rows:(i + 1) * rows] for name, v in local.items()}
+            self.window_tokens += int((chunk["segment_ids"] > 0).sum()) * jax.process_count()
+            rng = jax.random.fold_in(self.base_key, self.state.step * accum_steps + i)
+            model.trainable, opt.state, metrics = self.steps.train_step(
+                model.trainable, model.frozen, opt.state, self.steps.to_device(chunk), supervised_per_micro_step, rng)
+            self.window = metrics if self.window is None else {
+                **metrics, "loss_sum": self.window["loss_sum"] + metrics["loss_sum"],
+                "tokens": self.window["tokens"] + metrics["tokens"]}
+
+    def halt_unless_finite(self):
+        """Read the window's sums (the only host round trip, at log/eval/save steps); a NaN/Inf loss or
+        parameter stops the run before a poisoned update can be checkpointed."""
+        self.host = jax.device_get(self.window)
+        self.loss = float(self.host["loss_sum"] / max(self.host["tokens"], 1))
+        param_norm = float(self.host["param_norm"])
+        if math.isfinite(self.loss) and math.isfinite(param_norm):
+            return
+        self.checkpoints.wait()
+        state = self.state
+        what = f"loss is {self.loss}" if not math.isfinite(self.loss) else f"the parameters became {param_norm}"
+        kept = (f"The last good checkpoint (step {state.last_saved}) in {Path(self.cfg.workdir) / 'checkpoints'} is "
+                "kept" if state.last_saved is not None else "No checkpoint was saved before it")
+        raise JaxtuneError(f"{what} at step {state.step}: training stopped. {kept}; lower train.lr or check the data")
+
+    def log_window(self) -> dict:
+        """One metrics.jsonl line for the steps since the last one; returns the progress-bar fields."""
+        step, host = self.state.step, self.host
+        event = {"step": step, "loss": self.loss, "lr": float(self.opt.lr_schedule(step - 1)),
+                 "grad_norm": float(host["grad_norm"]), "tokens": int(host["tokens"]),
+                 "tokens_per_s": round(self.window_tokens / (time.perf_counter() - self.window_start), 1)}
+        self.log.write(event)
+        self.window, self.window_tokens, self.window_start = None, 0, time.perf_counter()
+        return {"loss": f"{self.loss:.4f}", "lr": f"{event['lr']:.2e}", "tok_s": f"{event['tokens_per_s']:.0f}"}
+
+    def eval_and_keep_best(self) -> str:
+        """Evaluate, keep a new best apart (best_checkpoint/), and decide on early stopping."""
+        state, cfg = self.state, self.cfg
+        eval_loss = evaluate(cfg, self.model, self.data, self.steps)
+        self.log.write({"step": state.step, "eval_loss": eval_loss})
+        if eval_loss < state.best["eval_loss"]:
+            state.best = {"eval_loss": eval_loss, "step": state.step, "evals_since_best": 0}
+            self.save(best=True)
+        else:
+            state.best["evals_since_best"] += 1
+        curves.plot(Path(cfg.workdir), self.log.events, self.model.vocab_size)
+        patience = cfg.eval.early_stopping_patience
+        if patience and state.best["evals_since_best"] >= patience:
+            state.stop_reason = (f"early stopping: no better eval loss for {patience} evals "
+                                 f"(best at step {state.best['step']})")
+        return f"step {state.step}: eval loss {eval_loss:.4f}"
+
+    def save(self, *, best: bool = False):
+        state = self.state
+        meta = {"step": state.step, "data_state": self.opt.batches.state, "best": state.best}
+        self.checkpoints.save(state.step, self.model.trainable, self.opt.state, meta, best=best)
+        if not best:
+            state.last_saved = state.step
+
+
+def finish(cfg, model: Model, data: Data, state: LoopState, log: MetricsLog) -> dict:
+    """curves.png, summary.json (losses, best step, why it stopped, the diagnosis), and a reply."""
+    workdir = Path(cfg.workdir)
+    curves.plot(workdir, log.events, model.vocab_size)
+    train_points, eval_points = points(log.events, "loss"), points(log.events, "eval_loss")
+    verdict = curves.diagnose_metrics(log.events, model.vocab_size)
+    summary = {"steps": state.step, "final_loss": train_points[-1][1] if train_points else None,
                "first_eval_loss": eval_points[0][1] if eval_points else None,
                "final_eval_loss": eval_points[-1][1] if eval_points else None,
-               "best_eval_loss": best["eval_loss"] if best["step"] else None, "best_step": best["step"],
-               "stopped": stop_reason, "stopped_by_signal": stopped_by, **verdict}
+               "best_eval_loss": state.best["eval_loss"] if state.best["step"] else None,
+               "best_step": state.best["step"], "stopped": state.stop_reason, "stopped_by_signal": state.stopped_by,
+               **verdict}
     write_text(workdir / "summary.json", json.dumps(summary, indent=2))
-    if stop_reason:
-        print(stop_reason)
+    if state.stop_reason:
+        print(state.stop_reason)
     print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
-    if cfg.eval.prompt and not stop_reason:
-        print(f"after: {reply(nnx.merge(graphdef, trainable, frozen), tokenizer, model_dir, cfg.eval.prompt, cfg.eval.max_new_tokens)}")
+    if cfg.eval.prompt and not state.stop_reason:
+        print(f"after: {reply(cfg, model, data)}")
     return summary
+
+
+# --- the recipe ---------------------------------------------------------------------------------------
+
+def train(cfg, *, progress=None) -> dict:
+    """Run (or resume) the training described by a validated config; returns the summary.
+    One training per workdir at a time: a second one is refused while this one holds the lock."""
+    workdir = Path(cfg.workdir)
+    with WorkdirLock(workdir, held=jax.process_index() == 0):  # hosts of one pod run share the workdir
+        check_writable(workdir)
+        data = setup_data(cfg)
+        checkpoints, identity = open_run_dir(cfg, data)
+        model = setup_model(cfg, data.model_dir)
+        opt = setup_optimizer(cfg, model, data)
+        steps = compile_steps(cfg, model, opt)
+        state = restore(cfg, checkpoints, model, opt)
+        write_text(workdir / "config.json", json.dumps({**cfg.to_dict(), "identity": identity,
+                                                        "resolved": opt.resolved}, indent=2))
+        log = MetricsLog(workdir, state.step if state.last_saved is not None else None, cfg.log.tensorboard)
+        if state.step == 0:
+            if cfg.eval.prompt:
+                print(f"before: {reply(cfg, model, data)}")
+            if data.packed.val is not None:  # the baseline the curves and the summary compare against
+                log.write({"step": 0, "eval_loss": evaluate(cfg, model, data, steps)})
+                print(f"step 0: eval loss {log.events[-1]['eval_loss']:.4f}")
+        show = cfg.log.progress if progress is None else progress
+        state = Loop(cfg, data, model, opt, steps, checkpoints, state, log, progress=show).run()
+        return finish(cfg, model, data, state, log)

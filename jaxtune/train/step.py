@@ -1,7 +1,7 @@
 """The train and eval steps: pure functions of (trainable, frozen, optimizer state, batch, rng).
 
 The loss is the sum of token losses over the whole accumulation group divided by its number of
-supervised tokens (`norm` carries that count / k, because MultiSteps averages the k micro-gradients),
+supervised tokens (`supervised_per_micro_step` is that count / k: MultiSteps averages the k micro-gradients),
 so k micro-batches with uneven token counts equal one big batch. Logits are computed in float32 one
 sequence chunk at a time under `jax.checkpoint`, so B x T x vocab float32 logits never exist at once.
 """
@@ -46,18 +46,29 @@ def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
     return total, jnp.sum(weights)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_chunk: int):
-    def train_step(trainable, frozen, opt_state, batch, norm, rng):
+def accumulated_grad_norm(grads, opt_state: optax.MultiStepsState):
+    """The norm of the gradient the update uses, before clipping (as MaxText logs it): MultiSteps keeps
+    the running mean of the group's micro-gradients; this is that mean with `grads` included, so at a
+    group's last micro-step it is exactly the accumulated gradient."""
+    seen = opt_state.mini_step + 1
+    mean = jax.tree.map(lambda acc, g: acc + (g - acc) / seen, opt_state.acc_grads, grads)
+    return optax.tree_utils.tree_norm(mean)
+
+
+def make_train_step(graphdef, optimizer: optax.MultiSteps, loss_chunk: int):
+    def train_step(trainable, frozen, opt_state, batch, supervised_per_micro_step, rng):
+        """`supervised_per_micro_step` = supervised tokens of the whole global batch / k."""
         def loss_fn(trainable):
             model = nnx.merge(graphdef, trainable, frozen)
             loss_sum, tokens = token_loss_sums(model, batch, rng, loss_chunk)
-            return loss_sum / norm, (loss_sum, tokens)
+            return loss_sum / supervised_per_micro_step, (loss_sum, tokens)
 
         grads, (loss_sum, tokens) = jax.grad(loss_fn, has_aux=True)(trainable)
+        grad_norm = accumulated_grad_norm(grads, opt_state)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": optax.tree_utils.tree_l2_norm(grads),
-                   "param_norm": optax.tree_utils.tree_l2_norm(trainable)}  # non-finite = never checkpoint these
+        metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": grad_norm,
+                   "param_norm": optax.tree_utils.tree_norm(trainable)}  # non-finite = never checkpoint these
         return trainable, opt_state, metrics
 
     return train_step

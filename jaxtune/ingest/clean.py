@@ -6,7 +6,6 @@ with a few examples, so a filter that is too eager shows itself in the report.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 import sys
@@ -23,7 +22,6 @@ TEXT_FIELDS = ("text", "instruction", "input", "output")
 TURN_FIELDS = (("messages", "content"), ("conversations", "value"))
 REASONS = ("slop", "too short", "too long", "exact duplicate", "near duplicate")
 DEFAULT_SLOP_FILE = Path(__file__).with_name("slop_phrases.txt")
-CLEAN_FLAGS = ("min_chars", "max_chars", "slop", "slop_file", "near_dup_threshold")  # options that imply --clean
 NUM_PERM = 64
 SHINGLE_WORDS = 5
 EXAMPLES = 3
@@ -215,44 +213,3 @@ def clean_records(records: Iterable[dict], opts: CleanOptions) -> tuple[list[dic
         kept.append(record)
     report.kept = len(kept)
     return kept, report
-
-
-def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
-    """The cleaning flags `jaxtune clean` and `jaxtune prepare` share (None: not given)."""
-    g = parser.add_argument_group("cleaning")
-    g.add_argument("--min-chars", type=int, help="drop records whose text fields total fewer characters (default 1)")
-    g.add_argument("--max-chars", type=int, help="drop records whose text fields total more characters")
-    g.add_argument("--slop", choices=["drop", "strip"],
-                   help="records with boilerplate like 'As an AI language model': "
-                        "drop them (default) or strip the sentence")
-    g.add_argument("--slop-file", help="more slop phrases, one a line (# comments), on top of the shipped list")
-    g.add_argument("--near-dup-threshold", type=float,
-                   help="drop records this similar to an earlier one (Jaccard of word 5-grams, default 0.85)")
-    g.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
-
-
-def options_from_args(args: argparse.Namespace) -> CleanOptions:
-    phrases = load_phrases(DEFAULT_SLOP_FILE) + (load_phrases(args.slop_file) if args.slop_file else [])
-    given = {name: getattr(args, name) for name in CLEAN_FLAGS
-             if name != "slop_file" and getattr(args, name) is not None}
-    return CleanOptions(**given, slop_phrases=phrases, dedup=not args.no_dedup)
-
-
-def _run(args: argparse.Namespace) -> None:
-    from jaxtune.data.prepare import Stats, read_records, write_jsonl_atomic  # prepare imports this module
-
-    stats = Stats()
-    records = read_records(args.input, skip_bad_rows=args.skip_bad_rows, stats=stats)
-    kept, stats.clean = clean_records(records, options_from_args(args))
-    stats.rows_out = write_jsonl_atomic(args.out, kept)
-    print(stats.summary())
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("clean",
-                              help="clean JSONL records: normalise text, drop slop, bad lengths and duplicates")
-    p.add_argument("input", metavar="IN.jsonl")
-    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="written atomically: a failed run leaves no file")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed lines instead of stopping")
-    add_clean_arguments(p)
-    p.set_defaults(func=_run)

@@ -1,0 +1,45 @@
+"""HTML pages to records: the visible text of the elements a CSS selector picks, one record each."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxtune.data.records import BadRow
+from jaxtune.errors import JaxtuneError
+
+DEFAULT_SELECTOR = "main, article, [role=main]"
+HIDDEN_TAGS = ["head", "script", "style", "template", "noscript", "nav", "header", "footer", "aside"]
+BLOCK_TAGS = ["p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol",
+              "dl", "dt", "dd", "blockquote", "pre", "table", "tr", "figcaption", "br", "hr"]
+PARAGRAPH = "\u2029"  # marks block boundaries while the text's own whitespace is collapsed
+
+
+def _visible_text(element) -> str:
+    """Text as a reader sees it: runs of whitespace collapsed, one line per paragraph."""
+    for tag in element.find_all(BLOCK_TAGS):
+        tag.insert_before(PARAGRAPH)
+        tag.insert_after(PARAGRAPH)
+    paragraphs = (" ".join(p.split()) for p in element.get_text().split(PARAGRAPH))
+    return "\n".join(p for p in paragraphs if p)
+
+
+def html_rows(path: Path, text: str, selector: str | None):
+    from bs4 import BeautifulSoup  # imported here: registering `jaxtune prepare` needs only DEFAULT_SELECTOR
+    from soupsieve import SelectorSyntaxError
+
+    soup = BeautifulSoup(text, "html.parser")
+    for tag in soup.find_all(HIDDEN_TAGS):
+        tag.decompose()
+    try:
+        elements = soup.select(selector or DEFAULT_SELECTOR)
+    except SelectorSyntaxError as e:
+        raise JaxtuneError(f"--selector {selector!r} is not valid CSS: {e.args[0]}") from None
+    if not elements:
+        if selector:
+            yield str(path), BadRow("selector matched nothing", f"{path}: --selector {selector!r} matched nothing; "
+                                                                "check it against the page")
+            return
+        elements = [soup.body or soup]
+    chosen = {id(e) for e in elements}
+    outermost = [e for e in elements if not any(id(p) in chosen for p in e.parents)]  # <main><article> once
+    for i, element in enumerate(outermost, 1):
+        yield f"{path} element {i} (<{element.name}>)", {"text": _visible_text(element)}
