@@ -1,0 +1,120 @@
+"""NF4 (4-bit NormalFloat) with double quantization, in bitsandbytes' own format, code for code.
+
+Layout (bitsandbytes >= 0.50, QLoRA paper): a torch `[out, in]` weight is flattened row-major and cut
+into blocks of 64; each block is scaled by its float32 absmax, every value goes to the nearest of the
+16 NF4 codes (a value exactly between two codes goes to the lower one), and two codes share a byte,
+the first in the high nibble. Double quantization stores the absmax values themselves in 8 bits: their
+mean (the offset) is subtracted and the rest is quantized in blocks of 256 with the signed dynamic
+map, each block with a float32 absmax of its own.
+
+Quantizing runs on the host in numpy (it happens once, while loading, one layer at a time);
+dequantizing runs in jax, inside the jitted step. Both follow bitsandbytes' float32 arithmetic
+operation for operation, so the bytes and the dequantized weights are identical to its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.errors import JaxtuneError
+
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], np.float32)
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+
+
+def _linspace_like_torch(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace in float32 on CPU: the first half counted up from `start`, the second half down
+    from `end`, each point one fused multiply-add (exact in float64, rounded once to float32)."""
+    lo, hi = np.float32(start), np.float32(end)
+    step = np.float32((hi - lo) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    up = np.float64(lo) + i * np.float64(step)
+    down = np.float64(hi) - (n - 1 - i) * np.float64(step)
+    return np.where(np.arange(n) < n // 2, up, down).astype(np.float32)
+
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`, 256 sorted float32 values): for
+    exponents 10^-6 .. 10^0, 2^i evenly spaced fractions in (0.1, 1), both signs, plus 0 and 1."""
+    values = [np.float32(0.0), np.float32(1.0)]
+    for i in range(7):
+        bounds = _linspace_like_torch(0.1, 1.0, 2 ** i + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = 10.0 ** (i - 6)
+        values += list(means * np.float32(scale)) + list(means * np.float32(-scale))
+    return np.sort(np.array(values, np.float32))
+
+
+def _blockwise_codes(flat: np.ndarray, code: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """(code index per value, float32 absmax per block) as bitsandbytes' CPU quantizer computes them:
+    scale = x * (1 / max(absmax, 1e-38)) clamped to [-1, 1], index = bucket among the code midpoints,
+    a tie going to the lower code. A last partial block gets its own absmax and is divided by it."""
+    flat = flat.astype(np.float32, copy=False)
+    full = flat.size - flat.size % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = np.abs(blocks).max(axis=1) if full else np.zeros(0, np.float32)
+    inverse = np.float32(1.0) / np.maximum(absmax, np.float32(1e-38))
+    scaled = [(blocks * inverse[:, None]).reshape(-1)]
+    if full < flat.size:
+        rest = np.maximum(np.abs(flat[full:]).max(), np.float32(1e-38))
+        absmax = np.append(absmax, rest)
+        scaled.append(flat[full:] / rest)
+    scaled = np.clip(np.concatenate(scaled), -1, 1).astype(np.float32)
+    midpoints = (code[:-1] + code[1:]) / np.float32(2.0)
+    return np.searchsorted(midpoints, scaled, side="left").astype(np.uint8), absmax
+
+
+@dataclasses.dataclass
+class NF4:
+    """One quantized weight in bitsandbytes' arrays. `absmax` is float32 per 64-block, or, with double
+    quantization, uint8 codes with `nested_absmax` (float32 per 256 absmaxes) and `offset`."""
+    packed: np.ndarray  # uint8 [(n + 1) // 2]
+    absmax: np.ndarray
+    shape: tuple  # the torch shape [out, in]
+    blocksize: int = BLOCKSIZE
+    nested_absmax: np.ndarray | None = None
+    offset: float | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+
+def quantize(weight: np.ndarray, *, blocksize: int = BLOCKSIZE, double_quant: bool = True) -> NF4:
+    """NF4-quantize a weight given in torch layout ([out, in], float32 or bfloat16 values)."""
+    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise JaxtuneError(f"NF4 block size {blocksize}: bitsandbytes supports 64 .. 4096 (powers of two)")
+    flat = np.asarray(weight, dtype=np.float32).reshape(-1)
+    codes, absmax = _blockwise_codes(flat, NF4_CODE, blocksize)
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(0))
+    packed = (codes[0::2] << 4) | codes[1::2]
+    nf4 = NF4(packed.astype(np.uint8), absmax, tuple(weight.shape), blocksize)
+    if double_quant:
+        offset = np.float32(absmax.mean(dtype=np.float32))
+        nf4.absmax, nf4.nested_absmax = _blockwise_codes(absmax - offset, dynamic_map(), NESTED_BLOCKSIZE)
+        nf4.offset = float(offset)
+    return nf4
+
+
+def dequantize_absmax(nf4: NF4):
+    """The float32 absmax per block (undoing double quantization: code8[q] * nested + offset)."""
+    if nf4.nested_absmax is None:
+        return jnp.asarray(nf4.absmax, jnp.float32)
+    codes = jnp.asarray(dynamic_map())[jnp.asarray(nf4.absmax).astype(jnp.int32)]
+    nested = jnp.repeat(jnp.asarray(nf4.nested_absmax, jnp.float32), nf4.nested_blocksize)[:codes.size]
+    return codes * nested + jnp.float32(nf4.offset)
+
+
+def dequantize(nf4: NF4, dtype=jnp.float32):
+    """The weight in torch layout [out, in]: NF4_CODE[q] * absmax in float32, then cast to `dtype`."""
+    packed = jnp.asarray(nf4.packed)
+    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
+    n = int(np.prod(nf4.shape))
+    values = jnp.asarray(NF4_CODE)[codes[:n].astype(jnp.int32)]
+    scales = jnp.repeat(dequantize_absmax(nf4), nf4.blocksize)[:n]
+    return (values * scales).reshape(nf4.shape).astype(dtype)
