@@ -14,7 +14,9 @@ operation for operation, so the bytes and the dequantized weights are identical 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,16 +73,19 @@ def _blockwise_codes(flat: np.ndarray, code: np.ndarray, blocksize: int) -> tupl
     return np.searchsorted(midpoints, scaled, side="left").astype(np.uint8), absmax
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "absmax", "nested_absmax", "offset"],
+                   meta_fields=["shape", "blocksize", "nested_blocksize"])
 @dataclasses.dataclass
 class NF4:
-    """One quantized weight in bitsandbytes' arrays. `absmax` is float32 per 64-block, or, with double
-    quantization, uint8 codes with `nested_absmax` (float32 per 256 absmaxes) and `offset`."""
-    packed: np.ndarray  # uint8 [(n + 1) // 2]
+    """One quantized weight in bitsandbytes' arrays (a jax pytree: it can be sliced per layer, sharded
+    and passed through jit). `absmax` is float32 per 64-block, or, with double quantization, uint8 codes
+    with `nested_absmax` (float32 per 256 absmaxes) and `offset`."""
+    packed: np.ndarray  # uint8 [(n + 1) // 2], the row-major [out, in] weight two codes a byte
     absmax: np.ndarray
     shape: tuple  # the torch shape [out, in]
     blocksize: int = BLOCKSIZE
     nested_absmax: np.ndarray | None = None
-    offset: float | None = None
+    offset: np.ndarray | None = None  # float32 scalar
     nested_blocksize: int = NESTED_BLOCKSIZE
 
 
@@ -97,7 +102,7 @@ def quantize(weight: np.ndarray, *, blocksize: int = BLOCKSIZE, double_quant: bo
     if double_quant:
         offset = np.float32(absmax.mean(dtype=np.float32))
         nf4.absmax, nf4.nested_absmax = _blockwise_codes(absmax - offset, dynamic_map(), NESTED_BLOCKSIZE)
-        nf4.offset = float(offset)
+        nf4.offset = offset
     return nf4
 
 
@@ -107,7 +112,7 @@ def dequantize_absmax(nf4: NF4):
         return jnp.asarray(nf4.absmax, jnp.float32)
     codes = jnp.asarray(dynamic_map())[jnp.asarray(nf4.absmax).astype(jnp.int32)]
     nested = jnp.repeat(jnp.asarray(nf4.nested_absmax, jnp.float32), nf4.nested_blocksize)[:codes.size]
-    return codes * nested + jnp.float32(nf4.offset)
+    return codes * nested + jnp.asarray(nf4.offset, jnp.float32)
 
 
 def dequantize(nf4: NF4, dtype=jnp.float32):
@@ -118,3 +123,25 @@ def dequantize(nf4: NF4, dtype=jnp.float32):
     values = jnp.asarray(NF4_CODE)[codes[:n].astype(jnp.int32)]
     scales = jnp.repeat(dequantize_absmax(nf4), nf4.blocksize)[:n]
     return (values * scales).reshape(nf4.shape).astype(dtype)
+
+
+@jax.custom_vjp
+def matmul(x, weight: NF4):
+    """x @ Wᵀ for an NF4 weight W [out, in], dequantized to x's dtype. The backward dequantizes again
+    (as bitsandbytes' MatMul4Bit does) instead of keeping a dense copy as a residual, and gives the
+    quantized arrays no cotangent: they are frozen."""
+    return x @ dequantize(weight, x.dtype).T
+
+
+def _matmul_forward(x, weight: NF4):
+    return matmul(x, weight), weight
+
+
+def _matmul_backward(weight: NF4, grad_y):
+    grad_x = grad_y @ dequantize(weight, grad_y.dtype)
+    no_grad = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0) if not jnp.issubdtype(
+        jnp.result_type(a), jnp.floating) else jnp.zeros_like(a), weight)
+    return grad_x, no_grad
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
