@@ -1,7 +1,7 @@
 """LoRA training throughput, MFU and peak memory: jaxtune beside transformers + peft, same model, same
 LoRA (r=16, alpha=32, all linear layers), same data shape, in one command.
 
-    python bench/train.py [--model DIR] [--batch 4] [--seq 512] [--steps 5] [--dtype float32]
+    python bench/train.py [--model DIR] [--batch 4] [--seq 512] [--steps 5] [--dtype float32] [--method qlora]
 
 Each side runs in its own subprocess so that peak memory (ru_maxrss, i.e. host RSS on CPU; device
 peak bytes on GPU) is its own. MFU = model FLOPs per token x tokens/s / peak FLOP/s, where the peak
@@ -57,9 +57,13 @@ def run_jaxtune(args):
     from jaxtune.train import optim
     from jaxtune.train.step import make_train_step
 
-    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
+    from jaxtune.models.llama import LINEAR_MODULES
+    from jaxtune.quant import QuantOptions
+
+    quantize = QuantOptions(LINEAR_MODULES) if args.method == "qlora" else None
+    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, quantize=quantize)
     lora.add_lora(model, rank=16, alpha=32, dropout=args.dropout, targets="all-linear")
-    graphdef, trainable, frozen = lora.split_trainable(model, "lora")
+    graphdef, trainable, frozen = lora.split_trainable(model, args.method)
     tx = optim.optimizer(optax.constant_schedule(1e-4), weight_decay=0.0, max_grad_norm=1.0, b1=0.9, b2=0.999,
                          grad_accum_steps=1)
     opt_state = tx.init(trainable)
@@ -125,6 +129,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora"],
+                        help="jaxtune's side: LoRA on the dense base, or on an NF4 base (peft's side stays LoRA)")
     parser.add_argument("--loss-chunk", type=int, default=256)
     parser.add_argument("--side", choices=["jaxtune", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["jaxtune", "peft"], help="run one side only")
@@ -138,7 +144,7 @@ def main():
         return
     cfg = json.load(open(f"{args.model}/config.json"))
     result = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "remat": args.remat,
-              "lora": "r=16 alpha=32 all-linear", "dropout": args.dropout, "steps_timed": args.steps}
+              "lora": "r=16 alpha=32 all-linear", "jaxtune_method": args.method, "dropout": args.dropout, "steps_timed": args.steps}
     argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
     for side in ["jaxtune", "peft"] if not args.only else [args.only]:
         out = subprocess.run([sys.executable, __file__, *argv, "--model", args.model, "--side", side],

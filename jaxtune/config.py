@@ -18,7 +18,7 @@ import ml_collections
 
 from jaxtune.data.formats import FORMATS, OVERLONG
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import DTYPES, REMAT_POLICIES
+from jaxtune.models.llama import DTYPES, LINEAR_MODULES, REMAT_POLICIES
 
 
 class Domain(NamedTuple):
@@ -71,6 +71,20 @@ POSITIVE = _domain("a finite number > 0", lambda v: _is_number(v) and v > 0)
 NON_NEGATIVE = _domain("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
 FRACTION = _domain("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
 FLAG = _domain("true or false", lambda v: isinstance(v, bool))
+
+
+def one_of_ints(*choices: int) -> Domain:
+    return _domain(f"one of {' | '.join(map(str, choices))}", lambda v: _is_int(v) and v in choices)
+
+
+def _linear_modules(v) -> str | None:
+    if not isinstance(v, str):
+        return "must be comma-separated module names"
+    unknown = [m for m in split_list(v) if m not in LINEAR_MODULES]
+    return f"unknown module(s) {unknown}; linear modules are {', '.join(LINEAR_MODULES)}" if unknown else None
+
+
+KEYS_OF_MODULES = Domain("comma-separated linear module names", _linear_modules)
 LR = _domain("a finite number > 0 or 'auto'", lambda v: isinstance(v, str) and (v == "auto" or _positive_number_text(v)))
 MESH_AXIS = _domain("-1 or an integer >= 1", lambda v: _is_int(v) and (v == -1 or v >= 1))
 KEYS = Domain("comma-separated config keys", _known_keys)
@@ -81,7 +95,8 @@ SCHEMA = [
     ("workdir", "runs/default", "run directory: config.json, metrics.jsonl, curves.png, summary.json, checkpoints/",
      text("a non-empty path", empty=False)),
     ("seed", 0, "seed for LoRA init, dropout and data order", integer(0)),
-    ("method", "lora", "'lora' (frozen base + LoRA factors) or 'full' (every weight trains)", one_of("lora", "full")),
+    ("method", "lora", "'lora' (frozen base + LoRA factors), 'qlora' (LoRA on a frozen NF4 base) or 'full' "
+                       "(every weight trains)", one_of("lora", "qlora", "full")),
     ("model.path", "", "Hugging Face model directory (config.json + safetensors), or a hub id when online",
      text("a model directory or hub id", empty=False)),
     ("model.dtype", "float32", "compute dtype", DTYPE),
@@ -98,6 +113,12 @@ SCHEMA = [
     ("lora.init_from", "", "start from this PEFT adapter dir (peft/axolotl/unsloth); its r/alpha/targets win", text()),
     ("lora.modules_to_save", "", "modules trained in full beside LoRA: 'embed_tokens,lm_head' (new syntax/tokens)",
      text()),
+    ("quant.block_size", 64, "qlora: NF4 block size (weights per float32 scale), as bitsandbytes",
+     one_of_ints(64, 128, 256)),
+    ("quant.double_quant", True, "qlora: quantize the block scales too (8-bit, blocks of 256): 0.127 bits/param "
+                                 "instead of 0.5", FLAG),
+    ("quant.dense_modules", "", "qlora: linear modules kept dense (e.g. 'down_proj'); embeddings, norms and "
+                                "lm_head always are", KEYS_OF_MODULES),
     ("data.train", "", "training data: comma-separated files (.jsonl/.json/.csv/.parquet), hub names or tfds:NAME",
      text("one or more training data files", empty=False)),
     ("data.val", "", "validation data files (comma-separated); empty: hold out data.val_fraction", text()),

@@ -101,7 +101,7 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
     out, workdir = Path(out), Path(workdir)
     cfg = read_run_config(workdir)
     check_out(out, kind, workdir, cfg, overwrite)
-    if kind == "adapter" and cfg["method"] != "lora":
+    if kind == "adapter" and cfg["method"] not in lora.LORA_METHODS:
         raise JaxtuneError("--adapter needs a LoRA run; this one trained every weight (method=full): use --merged")
     model, cfg, step = load_run(workdir, step=step, best=best)
     base_dir = cfg["model"]["path"]

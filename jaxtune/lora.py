@@ -26,6 +26,8 @@ from jaxtune.models.llama import LINEAR_MODULES, Linear, Llama
 SAVABLE_MODULES = {hf_module((ours,)).rsplit(".", 1)[-1]: ours for ours in ("embed", "lm_head")}
 PEFT_PREFIX = "base_model.model."
 
+LORA_METHODS = ("lora", "qlora")  # the methods that train LoRA factors on a frozen base
+
 
 def resolve_targets(spec: str) -> list[str]:
     """'all-linear', a comma list of HF module names, or 're:REGEX' matched against them."""
@@ -55,7 +57,7 @@ def add_lora(model: Llama, *, rank: int, alpha: float, dropout: float = 0.0, tar
     for i, name in enumerate(names):
         linear: Linear = getattr(model.layers, name)
         layers, d_in, d_out = linear.kernel.shape
-        dtype = linear.kernel[...].dtype
+        dtype = linear.kernel.dtype  # an NF4 kernel's factors train in float32
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), (layers, d_in, rank), jnp.float32, -bound, bound)
         in_axis, out_axis = linear.kernel.axes[1], linear.kernel.axes[2]
@@ -72,11 +74,12 @@ def saved_param(hf_module_name: str, *, tied: bool) -> str:
 
 
 def trainable_filter(method: str, modules_to_save: str = "", *, tied: bool = False):
-    """NNX filter of what trains: 'full' = every Param; 'lora' = LoRA factors + modules_to_save."""
+    """NNX filter of what trains: 'full' = every Param; 'lora' and 'qlora' (whose NF4 base is no Param
+    anyway) = LoRA factors + modules_to_save."""
     if method == "full":
         return nnx.Param
-    if method != "lora":
-        raise JaxtuneError(f"method must be 'lora' or 'full', got {method!r}")
+    if method not in LORA_METHODS:
+        raise JaxtuneError(f"method must be 'lora', 'qlora' or 'full', got {method!r}")
     saved = []
     for name in split_list(modules_to_save):
         if name not in SAVABLE_MODULES:
@@ -212,7 +215,7 @@ def merge_lora(model: Llama) -> Llama:
 def attach_from_config(model: Llama, cfg: dict) -> dict | None:
     """LoRA as the run configures it: from `lora.init_from` (a PEFT adapter, whose r/alpha/targets
     win) or fresh. Returns the effective {alpha, dropout, rslora}."""
-    if cfg["method"] != "lora":
+    if cfg["method"] not in LORA_METHODS:
         return None
     c = cfg["lora"]
     if c.get("init_from"):

@@ -73,6 +73,15 @@ def _blockwise_codes(flat: np.ndarray, code: np.ndarray, blocksize: int) -> tupl
     return np.searchsorted(midpoints, scaled, side="left").astype(np.uint8), absmax
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """What QLoRA quantizes: the frozen kernels of `modules` (embeddings, norms and lm_head always
+    stay dense, as in transformers), in NF4 blocks of `blocksize`, with double quantization or not."""
+    modules: tuple
+    blocksize: int = BLOCKSIZE
+    double_quant: bool = True
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "absmax", "nested_absmax", "offset"],
                    meta_fields=["shape", "blocksize", "nested_blocksize"])
 @dataclasses.dataclass

@@ -19,10 +19,10 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxtune import sharding
+from jaxtune import quant, sharding
 from jaxtune.atomic import write_dir
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ROPE_TYPES, Llama, ModelConfig
+from jaxtune.models.llama import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ROPE_TYPES, Llama, ModelConfig, NF4Kernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SHARD_BYTES = 5 * 1024**3
@@ -201,11 +201,13 @@ def _reader(tensors: SafetensorsIndex, path: tuple, shape: tuple, dtype):
     return callback
 
 
-def load_params(abstract: Llama, path: Path, mesh: Mesh | None) -> Llama:
-    """Fill an abstract (eval_shape) model with the checkpoint's tensors, on their shardings."""
+def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.QuantOptions | None = None) -> Llama:
+    """Fill an abstract (eval_shape) model with the checkpoint's tensors, on their shardings; with
+    `quantize`, the kernels of its modules become NF4 (read, quantized and placed a layer at a time)."""
     cfg: ModelConfig = abstract.cfg
     tensors = SafetensorsIndex(path)
     graphdef, state = nnx.split(abstract)
+    quantized = {("layers", name, "kernel") for name in (quantize.modules if quantize else ())}
     flat = []
     for var_path, var in nnx.to_flat_state(state):
         if var_path not in PARAM_MAP:
@@ -223,25 +225,49 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None) -> Llama:
                     f"{path}: tensor {name} has shape {list(tensors.shape(name))}, config.json implies "
                     f"{list(want)}. The weights do not belong to this config.json."
                 )
-        target = (sharding.named_sharding(var.axes, var.shape, mesh) if mesh is not None
-                  else SingleDeviceSharding(jax.devices()[0]))
-        array = jax.make_array_from_callback(var.shape, target, _reader(tensors, var_path, var.shape, var.dtype))
+        if var_path in quantized:
+            flat.append((var_path, var))  # replaced by its NF4 kernel below, never loaded dense
+            continue
+        array = jax.make_array_from_callback(var.shape, _target(var.axes, var.shape, mesh),
+                                             _reader(tensors, var_path, var.shape, var.dtype))
         flat.append((var_path, var.replace(value=array)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    for var_path in sorted(quantized):
+        linear = getattr(model.layers, var_path[1])
+        linear.kernel = _nf4_kernel(tensors, var_path, linear.kernel.axes, cfg.num_layers, quantize, mesh)
+    return model
+
+
+def _target(axes, shape, mesh: Mesh | None):
+    return sharding.named_sharding(axes, shape, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+
+
+def _nf4_kernel(tensors: SafetensorsIndex, var_path: tuple, axes: tuple, layers: int, opts: quant.QuantOptions,
+                mesh: Mesh | None) -> NF4Kernel:
+    """One module's kernels of every layer in NF4: each layer is read, quantized and dropped before the
+    next, so the host holds the quantized stack plus one dense layer; then placed on the mesh."""
+    per_layer = [quant.quantize(np.asarray(tensors.read(hf_name(var_path, i)), np.float32),
+                                blocksize=opts.blocksize, double_quant=opts.double_quant) for i in range(layers)]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    kernel = NF4Kernel(stacked, axes)
+    for _, var in nnx.to_flat_state(nnx.state(kernel)):
+        var.set_value(jax.device_put(np.asarray(var[...]), _target(var.axes, var.shape, mesh)))
+    return kernel
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None, remat="none",
-                    mesh: Mesh | None = None) -> Llama:
+                    mesh: Mesh | None = None, quantize: quant.QuantOptions | None = None) -> Llama:
     """Load an HF Llama/Mistral directory as a jaxtune model, sharded onto `mesh` if given.
 
-    `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the storage dtype.
+    `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the storage dtype; `quantize`
+    turns the kernels of its modules into frozen NF4 (QLoRA).
     """
     path = resolve_model_path(path)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
                          source=str(path / "config.json"))
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), source_path=str(path)))
-    return load_params(abstract, path, mesh)
+    return load_params(abstract, path, mesh, quantize)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import sharding
+from jaxtune import quant, sharding
 
 # The linear projections of a layer, named as HF names the modules (LoRA targets, PEFT files and the
 # HF tensor names in `jaxtune.models.hf` all use these), in the attention / MLP groups HF nests them in.
@@ -135,8 +135,44 @@ def _param(rngs, shape, dtype, axes, init=nnx.initializers.normal(0.02)):
     return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
 
 
+class QuantizedArray(nnx.Variable):
+    """Codes and scales of a quantized frozen weight: never a Param, so never trained or decayed."""
+
+
+class NF4Kernel(nnx.Module):
+    """A Linear's frozen kernel in NF4 (`jaxtune.quant`, bitsandbytes' arrays), stacked over layers:
+    packed codes and block scales per layer, flat in torch's row-major [out, in] order, so sharding
+    their flat axis shards `out`. Inside the layer scan one layer's arrays are dequantized for its
+    matmul, never the whole stack; the backward dequantizes again (`quant.matmul`)."""
+
+    def __init__(self, nf4: quant.NF4, axes: tuple):
+        """`nf4`: stacked arrays ([layers, ...] each) with the torch shape [out, in] of one layer;
+        `axes`: the dense kernel's logical axes ("layers", in, out)."""
+        out_axis = axes[2]
+        self.packed = QuantizedArray(jnp.asarray(nf4.packed), axes=("layers", out_axis))
+        self.absmax = QuantizedArray(jnp.asarray(nf4.absmax), axes=("layers", out_axis))
+        double = nf4.nested_absmax is not None
+        self.nested_absmax = QuantizedArray(jnp.asarray(nf4.nested_absmax), axes=("layers", None)) if double else None
+        self.offset = QuantizedArray(jnp.asarray(nf4.offset), axes=("layers",)) if double else None
+        self.weight_shape, self.blocksize, self.axes = tuple(nf4.shape), nf4.blocksize, tuple(axes)
+
+    @property
+    def shape(self) -> tuple:
+        """The dense kernel's stacked shape [layers, in, out] (what LoRA sizes its factors by)."""
+        return (self.packed.shape[0], self.weight_shape[1], self.weight_shape[0])
+
+    dtype = jnp.float32  # what a dense copy of the weights is computed in
+
+    def __call__(self, x):
+        nf4 = quant.NF4(self.packed[...], self.absmax[...], self.weight_shape, self.blocksize,
+                        None if self.nested_absmax is None else self.nested_absmax[...],
+                        None if self.offset is None else self.offset[...])
+        return quant.matmul(x, nf4)
+
+
 class Linear(nnx.Module):
     """x @ kernel (+ bias) (+ LoRA). kernel is [layers, in, out]; inside the layer scan [in, out].
+    For QLoRA the kernel is an `NF4Kernel` (frozen, 4-bit) instead of a Param.
 
     `jaxtune.lora.add_lora` sets lora_a [layers, in, r], lora_b [layers, r, out], the scale and the
     dropout rate.
@@ -149,7 +185,10 @@ class Linear(nnx.Module):
         self.lora_scale, self.lora_dropout = 0.0, 0.0
 
     def __call__(self, x, dropout_key=None):
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+        if isinstance(self.kernel, NF4Kernel):
+            y = self.kernel(x)
+        else:
+            y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:

@@ -37,6 +37,8 @@ from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import from_pretrained, load_tokenizer, resolve_model_path
+from jaxtune.models.llama import LINEAR_MODULES
+from jaxtune.quant import QuantOptions
 from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
 from jaxtune.train.metrics import MetricsLog, points
@@ -150,7 +152,7 @@ def setup_model(cfg, model_dir: str) -> Model:
 
         verify_model(model_dir)
     model = from_pretrained(model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, mesh=mesh)
+                            remat=cfg.model.remat, mesh=mesh, quantize=quant_options(cfg))
     lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
@@ -159,6 +161,15 @@ def setup_model(cfg, model_dir: str) -> Model:
     print(f"model {model_dir}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
           f"({cfg.method}), mesh {dict(mesh.shape)}")
     return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size)
+
+
+def quant_options(cfg) -> QuantOptions | None:
+    """What `method = "qlora"` quantizes: every linear module's frozen kernel but quant.dense_modules."""
+    if cfg.method != "qlora":
+        return None
+    dense = set(split_list(cfg.quant.dense_modules))
+    return QuantOptions(tuple(m for m in LINEAR_MODULES if m not in dense), cfg.quant.block_size,
+                        cfg.quant.double_quant)
 
 
 def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:

@@ -26,7 +26,8 @@ from jaxtune.errors import JaxtuneError
 # Checkpoints cannot continue under another value of these: the trained arrays or the data stream differ.
 FIXED_KEYS = ("method", "seed", "model.param_dtype", "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
               "lora.init_from", "lora.modules_to_save", "data.format", "data.seq_len", "data.train_on_inputs",
-              "data.overlong", "data.chat_template", "train.micro_batch_size", "train.grad_accum_steps")
+              "data.overlong", "data.chat_template", "train.micro_batch_size", "train.grad_accum_steps",
+              "quant.block_size", "quant.double_quant", "quant.dense_modules")
 # A deliberate change of these is meaningful (train longer, lower the learning rate): allowed when named.
 PLAN_KEYS = ("train.max_steps", "train.epochs", "train.lr", "train.base_lr", "train.pretrained_batch_tokens",
              "train.schedule", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.b1",

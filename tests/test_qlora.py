@@ -1,0 +1,89 @@
+"""QLoRA: a frozen NF4 base in the model, against a dense model holding the same dequantized weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import make_hf_model, run_config
+from jaxtune import from_pretrained, lora, quant
+from jaxtune.models.llama import LINEAR_MODULES, NF4Kernel
+from jaxtune.train.step import token_loss_sums
+
+OPTIONS = quant.QuantOptions(LINEAR_MODULES)
+
+
+def dequantized_twin(path, model_nf4):
+    """The dense model whose kernels are exactly the NF4 model's dequantized weights."""
+    dense = from_pretrained(path)
+    for name in LINEAR_MODULES:
+        kernel: NF4Kernel = getattr(model_nf4.layers, name).kernel
+        layers = [quant.dequantize(jax.tree.map(lambda a: a[i], quant.NF4(
+            kernel.packed[...], kernel.absmax[...], kernel.weight_shape, kernel.blocksize,
+            kernel.nested_absmax[...], kernel.offset[...]))).T for i in range(kernel.shape[0])]
+        getattr(dense.layers, name).kernel.set_value(jnp.stack(layers))
+    return dense
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_hf_model(tmp_path_factory.mktemp("tiny"), num_key_value_heads=2)
+    return path
+
+
+def test_nf4_model_computes_its_dequantized_weights(tiny):
+    model = from_pretrained(tiny, quantize=OPTIONS)
+    assert isinstance(model.layers.q_proj.kernel, NF4Kernel)
+    assert model.layers.q_proj.kernel.packed[...].dtype == jnp.uint8
+    tokens = np.arange(40)[None] % 256
+    ours = np.asarray(model(tokens))
+    twin = np.asarray(dequantized_twin(tiny, model)(tokens))
+    assert np.linalg.norm(ours - twin) / np.linalg.norm(twin) < 1e-6
+    dense = np.asarray(from_pretrained(tiny)(tokens))  # and 4 bits do change the logits, a little
+    assert 1e-4 < np.linalg.norm(ours - dense) / np.linalg.norm(dense) < 0.2
+
+
+def test_lora_gradients_on_nf4_equal_those_on_the_dequantized_base(tiny):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (2, 32)).astype(np.int32)
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "weights": np.ones((2, 32), np.float32),
+             "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(32, dtype=np.int32), (2, 1))}
+
+    def lora_grads(model):
+        lora.add_lora(model, rank=4, alpha=8, seed=1)
+        for name in LINEAR_MODULES:  # non-zero B, so A gets a gradient too
+            linear = getattr(model.layers, name)
+            linear.lora_b[...] = jax.random.normal(jax.random.key(3), linear.lora_b.shape) * 0.1
+        graphdef, trainable, frozen = lora.split_trainable(model, "qlora")
+        loss = lambda t: token_loss_sums(nnx.merge(graphdef, t, frozen), batch, None, 16)[0]  # noqa: E731
+        return jax.grad(loss)(trainable), frozen
+
+    model = from_pretrained(tiny, quantize=OPTIONS)
+    twin = dequantized_twin(tiny, model)
+    grads_nf4, frozen = lora_grads(model)
+    grads_dense, _ = lora_grads(twin)
+    for a, b in zip(jax.tree.leaves(grads_nf4), jax.tree.leaves(grads_dense)):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-6
+    quantized = [p for p, _ in nnx.to_flat_state(frozen) if "packed" in p]
+    assert len(quantized) == len(LINEAR_MODULES)  # the NF4 codes are frozen state, not trainable
+
+
+def test_qlora_run_trains_and_keeps_its_base_frozen(tiny_dir, chat_data, tmp_path, monkeypatch):
+    import jaxtune.train.loop as loop
+
+    captured = {}
+    real_split = lora.split_trainable
+
+    def keep_frozen(*args, **kwargs):
+        out = real_split(*args, **kwargs)
+        captured["frozen"] = out[2]  # the arrays the loop trains against (donation would delete them)
+        return out
+
+    monkeypatch.setattr(loop.lora, "split_trainable", keep_frozen)
+    summary = loop.train(run_config(tiny_dir, chat_data, tmp_path / "q", method="qlora",
+                                    **{"eval.every_steps": 0, "train.max_steps": 4}))
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    model = from_pretrained(tiny_dir, quantize=OPTIONS)  # the base, quantized again from the same files
+    _, _, frozen = real_split(lora.add_lora(model, rank=16, alpha=32), "qlora")
+    for (path, before), (_, after) in zip(nnx.to_flat_state(frozen), nnx.to_flat_state(captured["frozen"])):
+        np.testing.assert_array_equal(np.asarray(before[...]), np.asarray(after[...]), err_msg=str(path))
