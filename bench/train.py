@@ -145,7 +145,7 @@ def main():
     cfg = json.load(open(f"{args.model}/config.json"))
     result = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "remat": args.remat,
               "lora": "r=16 alpha=32 all-linear", "jaxtune_method": args.method, "dropout": args.dropout, "steps_timed": args.steps}
-    argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--only") and sys.argv[i] != "--only"]
     for side in ["jaxtune", "peft"] if not args.only else [args.only]:
         out = subprocess.run([sys.executable, __file__, *argv, "--model", args.model, "--side", side],
                              capture_output=True, text=True)
