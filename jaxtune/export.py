@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxtune import lora
+from jaxtune import lora, quant
 from jaxtune.atomic import check_replaceable, write_dir
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import HF_MODEL_KIND, from_pretrained, load_tokenizer, refuse_custom_code, write_hf_files
+from jaxtune.models.hf import (HF_MODEL_KIND, from_pretrained, is_bnb_4bit, load_tokenizer, read_hf_config,
+                               refuse_custom_code, write_hf_files)
 from jaxtune.models.llama import Llama
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -24,7 +25,12 @@ def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[L
 
     workdir = Path(workdir)
     cfg = read_run_config(workdir)
-    model = from_pretrained(cfg["model"]["path"], dtype="float32", param_dtype="float32")
+    base = cfg["model"]["path"]
+    # A bitsandbytes 4-bit base stays NF4, as transformers + peft will run it; a QLoRA run on a dense
+    # base exports against that dense base (the adapter applies to it; merging folds into it).
+    stored_4bit = is_bnb_4bit(read_hf_config(base))
+    model = from_pretrained(base, dtype="float32", param_dtype="float32",
+                            quantize=quant.QuantOptions(()) if stored_4bit else None)
     cfg["lora_effective"] = lora.attach_from_config(model, cfg)
     graphdef, trainable, frozen = lora.split_trainable(model, cfg["method"], cfg["lora"]["modules_to_save"])
     checkpoints = Checkpoints(workdir, cfg["checkpoint"]["keep"], read_only=True)  # a training may be saving

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from jaxtune.config import split_list
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import hf_module, hf_name
-from jaxtune.models.llama import LINEAR_MODULES, Linear, Llama
+from jaxtune.models.llama import LINEAR_MODULES, Linear, Llama, NF4Kernel
 
 # modules_to_save: HF module name -> our parameter ({"embed_tokens": "embed", "lm_head": "lm_head"})
 SAVABLE_MODULES = {hf_module((ours,)).rsplit(".", 1)[-1]: ours for ours in ("embed", "lm_head")}
@@ -203,7 +203,13 @@ def load_peft_adapter(model: Llama, adapter_dir) -> dict:
 
 def merge_lora(model: Llama) -> Llama:
     """Fold every LoRA into its kernel: W + scale * A @ B computed in float32, cast back to the
-    kernel's dtype; the factors are removed. In place; returns the model."""
+    kernel's dtype; the factors are removed. An NF4 kernel (QLoRA) becomes its dequantized float32
+    weights first: merging a QLoRA run means the dequantized base plus the delta, as everywhere.
+    In place; returns the model."""
+    for name in LINEAR_MODULES:
+        linear = getattr(model.layers, name)
+        if isinstance(linear.kernel, NF4Kernel):
+            linear.kernel = nnx.Param(linear.kernel.dense(), axes=linear.kernel.axes)
     for linear in lora_modules(model).values():
         w = linear.kernel[...].astype(jnp.float32)
         delta = jnp.einsum("lir,lro->lio", linear.lora_a[...].astype(jnp.float32), linear.lora_b[...].astype(jnp.float32))

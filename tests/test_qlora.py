@@ -1,4 +1,6 @@
 """QLoRA: a frozen NF4 base in the model, against a dense model holding the same dequantized weights."""
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +117,85 @@ def test_compiled_qlora_step_holds_no_dense_stack_of_a_quantized_kernel(tmp_path
     hlo = jax.jit(make_train_step(graphdef, tx, 16)).lower(trainable, frozen, tx.init(trainable), batch,
                                                          jnp.float32(64), None).compile().as_text()
     assert [s for s in dense_mlp_kernel if s in hlo]
+
+
+@pytest.fixture(scope="module")
+def smollm2_bnb4(smollm2_dir, tmp_path_factory):
+    """The real SmolLM2-135M quantized by transformers + bitsandbytes (NF4, double quant) and saved."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=config, dtype=torch.float32,
+                                                 device_map="cpu")
+    out = tmp_path_factory.mktemp("smollm2-bnb-4bit")
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, out / name)
+    return out, model
+
+
+def test_bitsandbytes_checkpoint_loads_as_is_and_computes_like_transformers(smollm2_bnb4, smollm2_dir):
+    from safetensors.numpy import load_file
+
+    import torch
+
+    path, reference = smollm2_bnb4
+    model = from_pretrained(path, quantize=quant.QuantOptions(()))  # the checkpoint says what is 4-bit
+    stored = load_file(str(path / "model.safetensors"))
+    kernel = model.layers.q_proj.kernel
+    np.testing.assert_array_equal(np.asarray(kernel.packed[...][3]), stored["model.layers.3.self_attn.q_proj.weight"][:, 0])
+    np.testing.assert_array_equal(np.asarray(kernel.absmax[...][3]), stored["model.layers.3.self_attn.q_proj.weight.absmax"])
+    tokens = np.array([[1, 504, 3458, 282, 4649, 314, 21, 3458, 4649, 314, 216, 23]])
+    ours = np.asarray(model(tokens))
+    with torch.no_grad():
+        theirs = reference(torch.tensor(tokens)).logits.float().numpy()
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-3
+    with pytest.raises(Exception, match="bitsandbytes 4-bit checkpoint .* method='qlora'"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("missing absmax", "tensor model.layers.0.self_attn.q_proj.weight.absmax is missing"),
+    ("fp4", "quantized as 'fp4'; jaxtune trains NF4 bases only"),
+    ("wrong shape", "is a 4-bit weight of shape [576, 1152]"),
+])
+def test_bad_bitsandbytes_checkpoints_are_one_clear_error(smollm2_bnb4, tmp_path, damage, needle):
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxtune import JaxtuneError
+
+    path = tmp_path / "bad"
+    shutil.copytree(smollm2_bnb4[0], path)
+    tensors = load_file(str(path / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    if damage == "missing absmax":
+        del tensors[f"{name}.absmax"]
+    else:
+        state = json.loads(bytes(tensors[f"{name}.quant_state.bitsandbytes__nf4"]).decode())
+        state.update({"quant_type": "fp4"} if damage == "fp4" else {"shape": [576, 1152]})
+        tensors[f"{name}.quant_state.bitsandbytes__nf4"] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(JaxtuneError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        from_pretrained(path, quantize=quant.QuantOptions(()))
+
+
+def test_qlora_run_on_a_bitsandbytes_base_exports_for_peft_and_merged(smollm2_bnb4, chat_data, tmp_path):
+    """Train on the bnb-4bit SmolLM2 as it is; the adapter, loaded by peft on that same bnb base in
+    transformers, and the merged export (dequantized base + delta), both pass the parity gate."""
+    from jaxtune.export import export
+    from jaxtune.train.loop import train
+
+    workdir = tmp_path / "run"
+    train(run_config(smollm2_bnb4[0], chat_data, workdir, method="qlora", **{
+        "train.max_steps": 2, "eval.every_steps": 0, "data.seq_len": 64, "train.micro_batch_size": 2}))
+    adapter = export(workdir, tmp_path / "adapter", kind="adapter")
+    assert adapter["parity_rel_err"] < 1e-3
+    merged = export(workdir, tmp_path / "merged", kind="merged")
+    assert merged["parity_rel_err"] < 1e-4
+    config = __import__("json").loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config

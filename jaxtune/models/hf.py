@@ -22,7 +22,8 @@ from safetensors.numpy import save_file
 from jaxtune import quant, sharding
 from jaxtune.atomic import write_dir
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ROPE_TYPES, Llama, ModelConfig, NF4Kernel
+from jaxtune.models.llama import (ATTENTION_PROJECTIONS, LINEAR_MODULES, MLP_PROJECTIONS, ROPE_TYPES, Llama,
+                                  ModelConfig, NF4Kernel)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SHARD_BYTES = 5 * 1024**3
@@ -123,6 +124,7 @@ class SafetensorsIndex:
     """Every tensor of a model directory by name, read lazily from single or sharded files."""
 
     def __init__(self, path: Path):
+        self.path = path  # named in errors
         index_file = path / "model.safetensors.index.json"
         if index_file.is_file():
             files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
@@ -207,7 +209,11 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.
     cfg: ModelConfig = abstract.cfg
     tensors = SafetensorsIndex(path)
     graphdef, state = nnx.split(abstract)
-    quantized = {("layers", name, "kernel") for name in (quantize.modules if quantize else ())}
+    stored_4bit = bnb_quantized_modules(read_hf_config(path), tensors)
+    if stored_4bit and quantize is None:
+        raise JaxtuneError(f"{path}: a bitsandbytes 4-bit checkpoint ({', '.join(stored_4bit)} in NF4): train it with "
+                           "method='qlora', or point model.path at the dense model")
+    quantized = {("layers", name, "kernel") for name in (quantize.modules if quantize else ()) + stored_4bit}
     flat = []
     for var_path, var in nnx.to_flat_state(state):
         if var_path not in PARAM_MAP:
@@ -220,7 +226,7 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.
             raise JaxtuneError(f"{path}: tensor {missing[0]} is missing from the safetensors files{hint}")
         want = _hf_shape(var_path, var.shape)
         for name in names:
-            if tensors.shape(name) != want:
+            if tensors.shape(name) != want and var_path[1:2] not in [(m,) for m in stored_4bit]:
                 raise JaxtuneError(
                     f"{path}: tensor {name} has shape {list(tensors.shape(name))}, config.json implies "
                     f"{list(want)}. The weights do not belong to this config.json."
@@ -234,7 +240,7 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     for var_path in sorted(quantized):
         linear = getattr(model.layers, var_path[1])
-        linear.kernel = _nf4_kernel(tensors, var_path, linear.kernel.axes, cfg.num_layers, quantize, mesh)
+        linear.kernel = _nf4_kernel(tensors, var_path, linear.kernel.axes, linear.kernel.shape, quantize, mesh)
     return model
 
 
@@ -242,12 +248,64 @@ def _target(axes, shape, mesh: Mesh | None):
     return sharding.named_sharding(axes, shape, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
 
 
-def _nf4_kernel(tensors: SafetensorsIndex, var_path: tuple, axes: tuple, layers: int, opts: quant.QuantOptions,
+BNB_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"  # a 4-bit weight's JSON record in a bitsandbytes checkpoint
+
+
+def bnb_nf4(tensors: SafetensorsIndex, name: str) -> quant.NF4:
+    """One weight of a bitsandbytes 4-bit checkpoint (as transformers saves it) in jaxtune's NF4,
+    without dequantizing: the packed codes, absmax (8-bit with double quantization), nested absmax
+    and offset are bitsandbytes' own; only NF4 with the standard maps is accepted."""
+    try:
+        state = json.loads(bytes(tensors.read(name + BNB_STATE_SUFFIX)).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise JaxtuneError(f"{tensors.path}: {name}{BNB_STATE_SUFFIX} is not bitsandbytes' JSON record") from None
+    if state.get("quant_type") != "nf4":
+        raise JaxtuneError(f"{tensors.path}: {name} is quantized as {state.get('quant_type')!r}; jaxtune trains NF4 "
+                           "bases only (re-quantize with bnb_4bit_quant_type='nf4')")
+    missing = [f"{name}.{k}" for k in ("absmax", "quant_map") if f"{name}.{k}" not in tensors]
+    nested = "nested_blocksize" in state
+    missing += [f"{name}.nested_absmax"] if nested and f"{name}.nested_absmax" not in tensors else []
+    if missing:
+        raise JaxtuneError(f"{tensors.path}: tensor {missing[0]} is missing; the 4-bit checkpoint is incomplete")
+    if not np.array_equal(tensors.read(f"{name}.quant_map"), quant.NF4_CODE):
+        raise JaxtuneError(f"{tensors.path}: {name}.quant_map is not the NF4 code table")
+    if nested and not np.array_equal(tensors.read(f"{name}.nested_quant_map"), quant.dynamic_map()):
+        raise JaxtuneError(f"{tensors.path}: {name}.nested_quant_map is not bitsandbytes' dynamic map")
+    shape, blocksize = tuple(state["shape"]), state["blocksize"]
+    if shape[1] % blocksize:
+        raise JaxtuneError(f"{tensors.path}: {name}: block size {blocksize} does not divide its rows of {shape[1]}")
+    return quant.NF4(np.asarray(tensors.read(name)).reshape(-1), np.asarray(tensors.read(f"{name}.absmax")), shape,
+                     blocksize, np.asarray(tensors.read(f"{name}.nested_absmax")) if nested else None,
+                     np.float32(state["nested_offset"]) if nested else None, state.get("nested_blocksize", 256))
+
+
+def is_bnb_4bit(hf: dict) -> bool:
+    """config.json of a checkpoint saved by transformers with a 4-bit BitsAndBytesConfig."""
+    q = hf.get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def bnb_quantized_modules(hf: dict, tensors: SafetensorsIndex) -> tuple:
+    """The linear modules a bitsandbytes 4-bit checkpoint stores in 4 bits (none for other checkpoints)."""
+    if not is_bnb_4bit(hf):
+        return ()
+    return tuple(m for m in LINEAR_MODULES if f"{hf_name(('layers', m, 'kernel'), 0)}{BNB_STATE_SUFFIX}" in tensors)
+
+
+def _nf4_kernel(tensors: SafetensorsIndex, var_path: tuple, axes: tuple, shape: tuple, opts: quant.QuantOptions,
                 mesh: Mesh | None) -> NF4Kernel:
     """One module's kernels of every layer in NF4: each layer is read, quantized and dropped before the
     next, so the host holds the quantized stack plus one dense layer; then placed on the mesh."""
-    per_layer = [quant.quantize(np.asarray(tensors.read(hf_name(var_path, i)), np.float32),
-                                blocksize=opts.blocksize, double_quant=opts.double_quant) for i in range(layers)]
+    if f"{hf_name(var_path, 0)}{BNB_STATE_SUFFIX}" in tensors:  # a bitsandbytes checkpoint: taken as it is
+        per_layer = [bnb_nf4(tensors, hf_name(var_path, i)) for i in range(shape[0])]
+    else:
+        per_layer = [quant.quantize(np.asarray(tensors.read(hf_name(var_path, i)), np.float32),
+                                    blocksize=opts.blocksize, double_quant=opts.double_quant) for i in range(shape[0])]
+    want = (shape[2], shape[1])  # torch's [out, in] of our [layers, in, out]
+    for i, nf4 in enumerate(per_layer):
+        if tuple(nf4.shape) != want:
+            raise JaxtuneError(f"{tensors.path}: {hf_name(var_path, i)} is a 4-bit weight of shape {list(nf4.shape)}, "
+                               f"config.json implies {list(want)}. The weights do not belong to this config.json.")
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
     kernel = NF4Kernel(stacked, axes)
     for _, var in nnx.to_flat_state(nnx.state(kernel)):

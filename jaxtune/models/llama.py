@@ -163,6 +163,15 @@ class NF4Kernel(nnx.Module):
 
     dtype = jnp.float32  # what a dense copy of the weights is computed in
 
+    def dense(self):
+        """The dequantized stack [layers, in, out] in float32 (for merging; never used in training)."""
+        def one_layer(packed, absmax, nested_absmax, offset):
+            nf4 = quant.NF4(packed, absmax, self.weight_shape, self.blocksize, nested_absmax, offset)
+            return quant.dequantize(nf4).T
+
+        arrays = [None if v is None else v[...] for v in (self.packed, self.absmax, self.nested_absmax, self.offset)]
+        return jax.vmap(one_layer)(*arrays)
+
     def __call__(self, x):
         nf4 = quant.NF4(self.packed[...], self.absmax[...], self.weight_shape, self.blocksize,
                         None if self.nested_absmax is None else self.nested_absmax[...],
