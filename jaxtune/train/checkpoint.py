@@ -28,13 +28,20 @@ SPACE_MARGIN = 1.1  # orbax writes a little metadata beside the arrays
 
 class _ReportedByJaxtune(logging.Filter):
     """A failed background save makes orbax log the same traceback from each of its threads (hundreds
-    of lines); `Checkpoints` raises that error itself as one line, so orbax's copies are dropped."""
+    of lines), and asyncio report its never-awaited write futures at exit; `Checkpoints` raises that
+    error itself as one line, so these copies are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if "orbax" in record.pathname:
+            return False
+        text = record.getMessage()
+        return not ("never retrieved" in text and ("orbax" in text or "OCDBT" in text))
 
 
 logging.getLogger("absl").addFilter(_ReportedByJaxtune())
+logging.getLogger("asyncio").addFilter(_ReportedByJaxtune())
 _previous_unraisablehook = sys.unraisablehook
 
 
