@@ -4,8 +4,6 @@ all-linear, chitchat packed at T=256). Medians of 5.
 
     python bench/reliability.py
 """
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -18,14 +16,7 @@ from jaxtune.train import optim
 from jaxtune.train.checkpoint import checksums
 from jaxtune.train.run_dir import data_fingerprint, model_fingerprint
 
-
-def median_seconds(fn, n=5):
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from forward import timed  # bench/forward.py: median of repeats after a warm-up
 
 
 def main():
@@ -39,13 +30,12 @@ def main():
     saved = sum(x.nbytes for x in jax.tree.leaves((trainable, opt_state)))
     rows = data.train
     size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    checksums((trainable, opt_state))  # compile
     print(f"model fingerprint ({size / 1e6:.0f} MB of safetensors): "
-          f"{median_seconds(lambda: model_fingerprint(model_dir)) * 1e3:.1f} ms")
+          f"{timed(lambda: model_fingerprint(model_dir), 5) * 1e3:.1f} ms")
     print(f"data fingerprint ({sum(v.nbytes for v in rows.values()) / 1e6:.1f} MB of packed rows): "
-          f"{median_seconds(lambda: data_fingerprint(rows)) * 1e3:.1f} ms")
+          f"{timed(lambda: data_fingerprint(rows), 5) * 1e3:.1f} ms")
     print(f"checksums of trainable + optimizer state ({saved / 1e6:.1f} MB): "
-          f"{median_seconds(lambda: checksums((trainable, opt_state))) * 1e3:.1f} ms")
+          f"{timed(lambda: checksums((trainable, opt_state)), 5) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.
     if stored_4bit and quantize is None:
         raise JaxtuneError(f"{path}: a bitsandbytes 4-bit checkpoint ({', '.join(stored_4bit)} in NF4): train it with "
                            "method='qlora', or point model.path at the dense model")
-    quantized = {("layers", name, "kernel") for name in (quantize.modules if quantize else ()) + stored_4bit}
+    stored = {("layers", name, "kernel") for name in stored_4bit}  # their `weight` is packed codes, not [out, in]
+    quantized = stored | {("layers", name, "kernel") for name in (quantize.modules if quantize else ())}
     flat = []
     for var_path, var in nnx.to_flat_state(state):
         if var_path not in PARAM_MAP:
@@ -226,7 +227,7 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.
             raise JaxtuneError(f"{path}: tensor {missing[0]} is missing from the safetensors files{hint}")
         want = _hf_shape(var_path, var.shape)
         for name in names:
-            if tensors.shape(name) != want and var_path[1:2] not in [(m,) for m in stored_4bit]:
+            if tensors.shape(name) != want and var_path not in stored:
                 raise JaxtuneError(
                     f"{path}: tensor {name} has shape {list(tensors.shape(name))}, config.json implies "
                     f"{list(want)}. The weights do not belong to this config.json."
