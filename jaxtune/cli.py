@@ -97,6 +97,26 @@ def cmd_export(args):
     print(f"exported {kind} (step {result['step']}) to {result['out']}")
 
 
+def cmd_quantize(args):
+    from jaxtune.config import split_list
+    from jaxtune.models.bnb import quantize_checkpoint
+    from jaxtune.models.llama import LINEAR_MODULES
+    from jaxtune.quant import QuantOptions
+
+    dense = split_list(args.dense_modules)
+    unknown = sorted(set(dense) - set(LINEAR_MODULES))
+    if unknown:
+        raise JaxtuneError(f"--dense-modules: {', '.join(unknown)} is not a linear module; choose from "
+                           f"{', '.join(LINEAR_MODULES)}")
+    modules = tuple(m for m in LINEAR_MODULES if m not in dense)
+    if not modules:
+        raise JaxtuneError("--dense-modules keeps every linear module dense: nothing would be quantized")
+    out = quantize_checkpoint(args.model, args.out, QuantOptions(modules, args.block_size, not args.no_double_quant),
+                              overwrite=args.overwrite)
+    print(f"wrote {out} (NF4, blocks of {args.block_size}{', double quantization' if not args.no_double_quant else ''}; "
+          f"dense: embeddings, norms, lm_head{''.join(', ' + m for m in dense)})")
+
+
 def cmd_verify(args):
     from jaxtune.export import verify_model
 
@@ -161,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier jaxtune export of the same kind (nothing else is ever replaced)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="write a model dir as a bitsandbytes 4-bit (NF4) checkpoint that transformers "
+                                        "loads and jaxtune trains with method='qlora'")
+    p.add_argument("model", help="a dense Hugging Face Llama/Mistral directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--block-size", type=int, default=64, choices=(64, 128, 256), help="weights per NF4 scale")
+    p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32")
+    p.add_argument("--dense-modules", default="", help="linear modules to keep dense, e.g. 'down_proj'")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier `jaxtune quantize` output")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("verify", help="compare jaxtune's logits with transformers' on a model directory")
     p.add_argument("model")

@@ -1,4 +1,5 @@
 """QLoRA: a frozen NF4 base in the model, against a dense model holding the same dequantized weights."""
+import json
 import shutil
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_hf_model, run_config
+from conftest import jaxtune_cli, make_hf_model, run_config
 from jaxtune import from_pretrained, lora, quant
 from jaxtune.models.llama import LINEAR_MODULES, NF4Kernel
 from jaxtune.train.step import token_loss_sums
@@ -197,5 +198,75 @@ def test_qlora_run_on_a_bitsandbytes_base_exports_for_peft_and_merged(smollm2_bn
     assert adapter["parity_rel_err"] < 1e-3
     merged = export(workdir, tmp_path / "merged", kind="merged")
     assert merged["parity_rel_err"] < 1e-4
-    config = __import__("json").loads((tmp_path / "merged" / "config.json").read_text())
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+def test_jaxtune_quantize_writes_what_transformers_writes_and_loads(smollm2_bnb4, smollm2_dir, tmp_path):
+    """`jaxtune quantize` of the dense SmolLM2 gives transformers' own bnb-4bit save of it: the same
+    tensors, dtypes and shapes, the same packed codes, code tables and quantization_config; nested codes
+    as bitsandbytes' reference kernel computes them (its CPU kernel is one code off for a few, see
+    test_quant); transformers + bitsandbytes loads it into Linear4bit modules and computes what jaxtune does."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune.models.bnb import BNB_MODEL_KIND
+
+    theirs_dir, _ = smollm2_bnb4
+    out = tmp_path / "q"
+    proc = jaxtune_cli("quantize", smollm2_dir, "--out", out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(theirs_dir / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    nested_equal = nested_total = 0
+    for name, array in ours.items():
+        if name.endswith(".quant_state.bitsandbytes__nf4"):
+            mine, their = json.loads(bytes(array)), json.loads(bytes(theirs[name]))
+            assert mine.pop("nested_offset") == pytest.approx(their.pop("nested_offset"), rel=1e-6), name
+            assert mine == their, name  # everything but the float32 mean's last bits (torch's summation order)
+            continue
+        assert (array.dtype, array.shape) == (theirs[name].dtype, theirs[name].shape), name
+        if name.endswith(".absmax"):
+            nested_equal, nested_total = nested_equal + np.sum(array == theirs[name]), nested_total + array.size
+        elif name.endswith(".nested_absmax"):
+            np.testing.assert_allclose(array, theirs[name], rtol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(array, theirs[name], err_msg=name)
+    assert nested_equal / nested_total >= 0.995
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((theirs_dir / "config.json").read_text())["quantization_config"]
+    assert json.loads((out / "jaxtune_export.json").read_text())["kind"] == BNB_MODEL_KIND
+
+    reference = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    assert type(reference.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    tokens = np.array([[1, 504, 3458, 282, 4649, 314, 21, 3458, 4649, 314, 216, 23]])
+    with torch.no_grad():
+        expected = reference(torch.tensor(tokens)).logits.float().numpy()
+    model = from_pretrained(out, quantize=quant.QuantOptions(()))
+    assert np.linalg.norm(np.asarray(model(tokens)) - expected) / np.linalg.norm(expected) < 1e-3
+
+
+def test_jaxtune_quantize_keeps_named_modules_dense_and_refuses_bad_input(smollm2_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(smollm2_dir), "--out", str(out), "--dense-modules", "down_proj",
+                 "--no-double-quant"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"] == [
+        "lm_head", "down_proj"]
+    for args, needle in [
+        ([str(out), "--out", str(tmp_path / "again")], "already a bitsandbytes 4-bit checkpoint"),
+        ([str(smollm2_dir), "--out", str(out)], "already holds a jaxtune bnb-4bit-model export; pass --overwrite"),
+        ([str(smollm2_dir), "--out", str(tmp_path / "b"), "--block-size", "256"],
+         "has rows of 576 values, which block size 256 does not divide"),
+        ([str(smollm2_dir), "--out", str(tmp_path / "c"), "--dense-modules", "mlp"], "mlp is not a linear module"),
+    ]:
+        assert main(["quantize", *args]) == 2
+        assert needle in capsys.readouterr().err

@@ -157,6 +157,10 @@ class SafetensorsIndex:
     def shape(self, key) -> tuple:
         return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
 
+    def dtype(self, key) -> str:
+        """The stored dtype, in safetensors' names (F32, BF16, F16, U8, ...), without reading data."""
+        return self.handles[self.where[key]].get_slice(key).get_dtype()
+
     def read(self, key, index=()) -> np.ndarray:
         return self.handles[self.where[key]].get_slice(key)[index]
 
@@ -413,31 +417,39 @@ def hf_config_dict(model: Llama) -> dict:
     return hf
 
 
+def write_safetensors(named_arrays, out: Path, *, shard_bytes: int = SHARD_BYTES) -> None:
+    """(name, array) pairs into `out` as HF lays them out: one model.safetensors, or shards of at
+    most `shard_bytes` with model.safetensors.index.json. Only one shard is held in memory at a time
+    (each is written under a temporary name and renamed once the shard count is known)."""
+    shards, current, size, total = [], {}, 0, 0
+
+    def flush():
+        save_file(current, str(out / f".shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(current))
+
+    for name, array in named_arrays:
+        if current and size + array.nbytes > shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = np.ascontiguousarray(array)
+        size, total = size + array.nbytes, total + array.nbytes
+    if current or not shards:
+        flush()
+    weight_map = {}
+    for n, names in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(out / f".shard-{n}.safetensors", out / fname)
+        weight_map.update(dict.fromkeys(names, fname))
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 def write_hf_files(model: Llama, out: Path, *, shard_bytes: int = SHARD_BYTES,
                    tokenizer_from: str | os.PathLike | None = None) -> None:
     """The files of an HF model directory, written into the existing directory `out`."""
     out = Path(out)
-    shards, current, size = [], {}, 0
-    for name, array in hf_tensors(model):
-        if current and size + array.nbytes > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = np.ascontiguousarray(array)
-        size += array.nbytes
-        if size >= shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)
-    weight_map = {}
-    for n, tensors in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, fname))
-    if len(shards) > 1:
-        total = sum(a.nbytes for s in shards for a in s.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_safetensors(hf_tensors(model), out, shard_bytes=shard_bytes)
     hf = hf_config_dict(model)
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     source = Path(tokenizer_from or model.source_path or out)
