@@ -64,6 +64,19 @@ def cmd_train(args):
     return EXIT_RESUMABLE if summary.get("stopped_by_signal") else 0
 
 
+def cmd_estimate(args):
+    from jaxtune import config
+    from jaxtune.estimate import estimate
+
+    overrides, devices = [], args.devices
+    for item in args.overrides:  # --devices may also follow the config file
+        if item.startswith("--devices="):
+            devices = int(item.split("=", 1)[1])
+        else:
+            overrides.append(item)
+    print(estimate(config.load(args.config, overrides), devices).text())
+
+
 def cmd_keys(_args):
     from jaxtune import config
 
@@ -159,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a Python file with get_config(), e.g. configs/quickstart.py")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.train.lr=1e-4 ... (see `jaxtune keys`)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("estimate", help="memory per device of a run, before any weight is loaded, and the devices "
+                                        "it fits: jaxtune estimate CONFIG.py [--devices=N] [--config.key=value ...]")
+    p.add_argument("--devices", type=int, help="devices the mesh spans (default: those visible here)")
+    p.add_argument("config", help="a Python file with get_config(), e.g. configs/llama3_8b_qlora.py")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.data.seq_len=2048 ... (see `jaxtune keys`)")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("keys", help="list every config key with its default and help")
     p.set_defaults(func=cmd_keys)

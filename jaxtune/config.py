@@ -250,6 +250,9 @@ def validate(cfg: ml_collections.ConfigDict):
     flat = flatten(cfg.to_dict())
     for key, _, _, domain in SCHEMA:
         problem = domain.check(flat[key])
+        if problem and key == "model.param_dtype":
+            problem += ("; for a 4-bit frozen base set method='qlora' (quant.* configures it), and model.param_dtype "
+                        "is then the dtype of what stays dense: embeddings, norms, lm_head")
         if problem:
             raise JaxtuneError(f"{key}={flat[key]!r}: {problem}")
     if [flat[k] for k in MESH_KEYS].count(-1) > 1:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from jaxtune import quant
 from jaxtune.config import split_list
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import hf_module, hf_name
@@ -86,6 +87,15 @@ def trainable_filter(method: str, modules_to_save: str = "", *, tied: bool = Fal
             raise JaxtuneError(f"lora.modules_to_save: {name!r} is not one of {sorted(SAVABLE_MODULES)}")
         saved.append(nnx.All(nnx.Param, nnx.PathContains(saved_param(name, tied=tied))))
     return nnx.Any(nnx.LoRAParam, *saved)
+
+
+def quant_options(cfg) -> quant.QuantOptions | None:
+    """What `method = "qlora"` quantizes: every linear module's frozen kernel but quant.dense_modules."""
+    if cfg.method != "qlora":
+        return None
+    dense = set(split_list(cfg.quant.dense_modules))
+    return quant.QuantOptions(tuple(m for m in LINEAR_MODULES if m not in dense), cfg.quant.block_size,
+                              cfg.quant.double_quant)
 
 
 def split_trainable(model: Llama, method: str, modules_to_save: str = ""):

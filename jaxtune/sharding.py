@@ -41,15 +41,8 @@ _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxtune_m
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
     """A (data, fsdp, tensor) mesh over the visible devices; one size may be -1: "all remaining devices"."""
     devices = jax.devices()
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise JaxtuneError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise JaxtuneError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if -1 not in sizes and math.prod(sizes) < len(devices):
+    sizes = list(mesh_sizes(data, fsdp, tensor, len(devices)).values())
+    if -1 not in (data, fsdp, tensor) and math.prod(sizes) < len(devices):
         warnings.warn(f"mesh {sizes} uses {math.prod(sizes)} of {len(devices)} devices; set one size to -1 to use all")
         devices = devices[: math.prod(sizes)]
     if math.prod(sizes) != len(devices):
@@ -58,6 +51,20 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
             f"but {len(devices)} are visible; set one of mesh.data/fsdp/tensor to -1 to use the rest"
         )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, devices: int) -> dict:
+    """{axis: size} of a (data, fsdp, tensor) mesh over `devices` devices, a -1 taking the rest."""
+    sizes = dict(zip(MESH_AXES, (data, fsdp, tensor)))
+    if list(sizes.values()).count(-1) > 1:
+        raise JaxtuneError(f"mesh: at most one of data/fsdp/tensor may be -1, got {list(sizes.values())}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            if devices % known:
+                raise JaxtuneError(f"mesh {[data, fsdp, tensor]}: {devices} devices are not divisible by {known}")
+            sizes[axis] = devices // known
+    return sizes
 
 
 def spec(axes, shape, mesh: Mesh) -> PartitionSpec:

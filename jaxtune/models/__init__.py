@@ -6,9 +6,11 @@
   axis names only; `jaxtune.sharding` maps them to the mesh.
 * `hf.py` owns the Hugging Face side: config.json <-> ModelConfig, safetensors <-> parameters, and the
   one table of HF tensor names (`PARAM_MAP`, with `hf_name` / `hf_module` derived from it), plus
-  `from_pretrained` / `save_pretrained`.
+  `from_pretrained` / `save_pretrained`; it also reads bitsandbytes 4-bit checkpoints as they are.
+* `bnb.py` writes them: a dense directory as the bitsandbytes 4-bit directory transformers would save
+  (`jaxtune quantize`).
 
-Imports point one way: `hf` imports `llama`, never the reverse. Below them are only the leaf modules
-`jaxtune.sharding`, `jaxtune.errors` and (for `hf`) `jaxtune.atomic`. Above them, `jaxtune.lora`,
+Imports point one way: `bnb` imports `hf`, `hf` imports `llama`, never the reverse. Below them are only
+the leaf modules `jaxtune.quant`, `jaxtune.sharding`, `jaxtune.errors` and `jaxtune.atomic`. Above them, `jaxtune.lora`,
 `jaxtune.generate`, `jaxtune.train` and `jaxtune.export` import from here; nothing here imports those.
 """

@@ -36,9 +36,8 @@ from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
+from jaxtune.estimate import check_fits
 from jaxtune.models.hf import from_pretrained, load_tokenizer, resolve_model_path
-from jaxtune.models.llama import LINEAR_MODULES
-from jaxtune.quant import QuantOptions
 from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
 from jaxtune.train.metrics import MetricsLog, points
@@ -147,12 +146,13 @@ def setup_model(cfg, model_dir: str) -> Model:
     if cfg.train.micro_batch_size % batch_ways:
         raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
                            f"mesh data x fsdp = {batch_ways}")
+    check_fits(cfg, model_dir)
     if cfg.model.verify:
         from jaxtune.export import verify_model
 
         verify_model(model_dir)
     model = from_pretrained(model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, mesh=mesh, quantize=quant_options(cfg))
+                            remat=cfg.model.remat, mesh=mesh, quantize=lora.quant_options(cfg))
     lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
@@ -161,15 +161,6 @@ def setup_model(cfg, model_dir: str) -> Model:
     print(f"model {model_dir}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
           f"({cfg.method}), mesh {dict(mesh.shape)}")
     return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size)
-
-
-def quant_options(cfg) -> QuantOptions | None:
-    """What `method = "qlora"` quantizes: every linear module's frozen kernel but quant.dense_modules."""
-    if cfg.method != "qlora":
-        return None
-    dense = set(split_list(cfg.quant.dense_modules))
-    return QuantOptions(tuple(m for m in LINEAR_MODULES if m not in dense), cfg.quant.block_size,
-                        cfg.quant.double_quant)
 
 
 def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:

@@ -1,0 +1,329 @@
+"""`jaxtune estimate`: the memory one device needs for a run, before any weight is loaded.
+
+Everything held for the whole run is counted exactly from the run's own abstract model (built with
+`nnx.eval_shape` from config.json alone: no weights are read): frozen weights by dtype (NF4 codes and
+scales included), trainable weights, optimizer state (`tx.init` traced abstractly), one gradient.
+Activations come from JAX itself: one layer's forward is traced with `jax.vjp` under the run's remat
+policy and the residuals it keeps for the backward are summed (times the layers, plus the scanned
+residual stream); the backward of a layer also needs that layer's full forward again (when remat
+dropped it) and its cotangents. The loss adds float32 logits of one `train.loss_chunk` at a time.
+Each part is divided over the mesh as the shardings divide it. `tests/test_estimate.py` holds the
+total to XLA's own figure for the compiled step (`memory_analysis()`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtune import lora, quant, sharding
+from jaxtune.errors import JaxtuneError
+from jaxtune.models.hf import config_from_hf, read_hf_config
+from jaxtune.models.llama import REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq
+
+GiB = 1024**3
+MiB = 1024**2
+# Memory of one JAX device (a TPU v2/v3 chip is two devices, one per core; GPUs: what nvidia-smi reports).
+DEVICES = (
+    ("TPU v2", 8 * GiB), ("TPU v3", 16 * GiB), ("TPU v4", 32 * GiB), ("TPU v5e", 16 * GiB),
+    ("TPU v5p", 95 * GiB), ("TPU v6e", 32 * GiB), ("T4", 15360 * MiB), ("L4", 23034 * MiB),
+    ("A100 40GB", 40960 * MiB), ("A100 80GB", 81920 * MiB), ("H100 80GB", 81559 * MiB), ("H200", 143771 * MiB),
+)
+# How XLA turns traced shapes into bytes; calibrated on XLA:CPU's buffer assignment of the train step
+# (36 configurations: lora/qlora/full x remat none/dots/full x 2 lengths x 2 shapes; worst error 12%)
+# and checked on other shapes by tests/test_estimate.py.
+RESIDUALS_KEPT = 0.82  # share of the traced residual bytes XLA keeps (fusion recomputes the rest)
+LOGIT_COPIES = 2  # float32 logits of one loss chunk: the logits and their cotangent
+LAYER_COTANGENTS = 0.55  # a layer's backward working set, relative to all its forward intermediates
+TIED_COPIES = 2  # tied embeddings: the transposed output projection and its cotangent
+HEADROOM = 0.9  # fits = the estimate within 90% of the device: XLA's runtime, fragmentation, workspaces
+
+# config.json of the models the bundled presets name, so that `jaxtune estimate` works offline.
+KNOWN_ARCHITECTURES = {
+    "meta-llama/Meta-Llama-3-8B": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "meta-llama/Llama-3.2-1B": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5),
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, rms_norm_eps=1e-5),
+}
+KNOWN_ARCHITECTURES["meta-llama/Meta-Llama-3-8B-Instruct"] = KNOWN_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"]
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Bytes per device, by part; `total` is their sum, `lines` the printable breakdown."""
+    parts: dict
+    details: dict
+    devices: int
+    mesh: dict
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def fits(self, capacity: float) -> bool:
+        return self.total <= HEADROOM * capacity
+
+    def text(self, devices_table: bool = True) -> str:
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}):"]
+        for name, size in self.parts.items():
+            lines.append(f"  {name:<14} {size / GiB:8.2f} GiB   {self.details.get(name, '')}")
+        lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB")
+        if not devices_table:
+            return "\n".join(lines)
+        fit = [name for name, cap in DEVICES if self.fits(cap)]
+        short = [f"{name} ({cap / GiB:.0f})" for name, cap in DEVICES if not self.fits(cap)]
+        lines.append(f"  fits (within {HEADROOM:.0%} of memory): {', '.join(fit) or 'none of the listed devices'}")
+        if short:
+            lines.append(f"  too small: {', '.join(short)} GiB")
+        return "\n".join(lines)
+
+
+class _MeshShape:
+    """What `sharding.spec` needs of a mesh (its axis sizes), for a mesh that need not exist here."""
+
+    def __init__(self, shape: dict):
+        self.shape = shape
+
+
+def read_architecture(model_path: str) -> dict:
+    """config.json of `model_path`: a local directory, a preset's hub id (bundled), or from the hub."""
+    local = Path(model_path).expanduser()
+    if local.is_dir():
+        return read_hf_config(local)
+    if model_path in KNOWN_ARCHITECTURES:
+        return dict(KNOWN_ARCHITECTURES[model_path])
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model_path, "config.json")).read_text())
+    except Exception as e:  # offline, gated or missing
+        raise JaxtuneError(f"model.path {model_path}: not a local directory, not a bundled architecture "
+                           f"({', '.join(sorted(KNOWN_ARCHITECTURES))}), and its config.json could not be "
+                           f"fetched ({type(e).__name__}); download just config.json into a directory and "
+                           "point model.path at it") from None
+
+
+def _nf4_placeholder(layers: int, out_in: tuple, opts: quant.QuantOptions) -> quant.NF4:
+    """Zero arrays with the shapes and dtypes of a stacked NF4 weight (only ever traced abstractly)."""
+    n = out_in[0] * out_in[1]
+    blocks = -(-n // opts.blocksize)
+    packed = jnp.zeros((layers, (n + 1) // 2), jnp.uint8)
+    if not opts.double_quant:
+        return quant.NF4(packed, jnp.zeros((layers, blocks), jnp.float32), out_in, opts.blocksize)
+    return quant.NF4(packed, jnp.zeros((layers, blocks), jnp.uint8), out_in, opts.blocksize,
+                     jnp.zeros((layers, -(-blocks // quant.NESTED_BLOCKSIZE)), jnp.float32),
+                     jnp.zeros((layers,), jnp.float32))
+
+
+@dataclasses.dataclass
+class AbstractRun:
+    """A run's model and optimizer state as shapes and dtypes: what the train step is compiled for."""
+    model_cfg: ModelConfig
+    graphdef: object
+    trainable: nnx.State
+    frozen: nnx.State
+    tx: object
+    opt_state: object
+
+
+def abstract_run(cfg) -> AbstractRun:
+    """The run's model (NF4 kernels for QLoRA, LoRA attached) and optimizer state, without weights."""
+    from jaxtune.train import optim
+
+    hf = read_architecture(cfg.model.path)
+    mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                          source=f"{cfg.model.path}/config.json")
+    opts = lora.quant_options(cfg)
+    run = cfg.to_dict()
+    init_from = run["lora"]["init_from"]
+    if init_from:  # the adapter's rank and targets win, as in training
+        adapter = json.loads((Path(init_from) / "adapter_config.json").read_text())
+        targets = adapter["target_modules"]
+        run["lora"] = dict(run["lora"], init_from="", rank=adapter["r"],
+                           targets=",".join(targets) if isinstance(targets, list) else "all-linear")
+
+    def build():
+        model = Llama(mcfg, rngs=nnx.Rngs(0))
+        for name in opts.modules if opts else ():
+            linear = getattr(model.layers, name)
+            layers, d_in, d_out = linear.kernel.shape
+            linear.kernel = NF4Kernel(_nf4_placeholder(layers, (d_out, d_in), opts), linear.kernel.axes)
+        lora.attach_from_config(model, run)
+        return model
+
+    graphdef, trainable, frozen = lora.split_trainable(nnx.eval_shape(build), cfg.method, cfg.lora.modules_to_save)
+    tx = optim.optimizer(optax.constant_schedule(1e-4), weight_decay=cfg.train.weight_decay,
+                         max_grad_norm=cfg.train.max_grad_norm, b1=cfg.train.b1, b2=cfg.train.b2,
+                         grad_accum_steps=cfg.train.grad_accum_steps)
+    return AbstractRun(mcfg, graphdef, trainable, frozen, tx, jax.eval_shape(tx.init, trainable))
+
+
+def per_device_bytes(state, mesh) -> dict:
+    """{dtype name: bytes per device} of an abstract state, sharded as the run shards it (by each
+    Variable's logical axes; other leaves, e.g. step counters, replicated)."""
+    totals = {}
+
+    def one(leaf):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        axes = getattr(leaf, "axes", None) or (None,) * len(value.shape)
+        ways = 1
+        for entry in sharding.spec(axes, value.shape, mesh):
+            for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+                ways *= mesh.shape[axis]
+        name = "nf4 (codes + scales)" if isinstance(leaf, QuantizedArray) else np.dtype(value.dtype).name
+        totals[name] = totals.get(name, 0) + value.size * np.dtype(value.dtype).itemsize // ways
+
+    jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return totals
+
+
+def residual_bytes(fn, *args, per_layer: int) -> tuple[int, int]:
+    """Bytes that the backward of `fn` (which returns `jax.vjp(...)`'s (out, vjp_fn)) keeps from its
+    forward beyond its own arguments, read off the traced jaxpr, split in two: residuals that depend on
+    the first `per_layer` arguments (a scanned layer's input and weights: stacked once per layer) and
+    the rest (e.g. the attention mask broadcast: loop-invariant, which the layer scan keeps once)."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr = closed.jaxpr
+    n_res = len(jax.tree.leaves(shapes[1]))
+    n_per_layer = len(jax.tree.leaves(args[:per_layer]))
+    varying = set(jaxpr.invars[:n_per_layer])
+    for eqn in jaxpr.eqns:
+        if any(v in varying for v in eqn.invars if not hasattr(v, "val")):
+            varying.update(eqn.outvars)
+    given = set(jaxpr.invars) | set(jaxpr.constvars)
+    kept = {v for v in jaxpr.outvars[len(jaxpr.outvars) - n_res:] if not hasattr(v, "val") and v not in given}
+    size = lambda vs: sum(v.aval.size * np.dtype(v.aval.dtype).itemsize for v in vs)
+    return size(kept & varying), size(kept - varying)
+
+
+def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str) -> tuple[int, int]:
+    """(per-layer, loop-invariant) bytes one decoder layer keeps for its backward under `remat`, for a
+    micro-batch [batch, seq] (its input, which the layer scan stacks anyway, not included)."""
+    mcfg = run.model_cfg
+    model = nnx.merge(run.graphdef, run.trainable, run.frozen)
+    graphdef, trainable, frozen = nnx.split(model.layers, lora.trainable_filter(cfg.method, cfg.lora.modules_to_save),
+                                            ...)
+    one_layer = functools.partial(jax.tree.map, lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype))
+    inv_freq = rope_inv_freq(mcfg)
+    dropout = cfg.method in lora.LORA_METHODS and cfg.lora.dropout > 0
+
+    def forward_and_vjp(x, trainable, frozen, rng, positions, mask):
+        def body(x, trainable):
+            layer = nnx.merge(graphdef, trainable, frozen)
+            return layer(x, mcfg, positions, mask, inv_freq, rng=rng if dropout else None)[0]
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return jax.vjp(body, x, trainable)
+
+    return residual_bytes(forward_and_vjp, jax.ShapeDtypeStruct((batch, seq, mcfg.hidden_size), jnp.dtype(mcfg.dtype)),
+                          one_layer(trainable), one_layer(frozen), jax.random.key(0),
+                          jax.ShapeDtypeStruct((batch, seq), jnp.int32), jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_),
+                          per_layer=4)
+
+
+def _largest_dequantized_kernel(run: AbstractRun, itemsize: int) -> int:
+    """Bytes of the largest NF4 kernel of one layer dequantized (QLoRA computes one at a time)."""
+    model = nnx.merge(run.graphdef, run.trainable, run.frozen)
+    sizes = [math.prod(m.kernel.shape[1:]) for m in vars(model.layers).values() if isinstance(
+        getattr(m, "kernel", None), NF4Kernel)]
+    return max(sizes, default=0) * itemsize
+
+
+def device_memory() -> int | None:
+    """Bytes one local device can hold: what the accelerator reports, or host RAM shared by the CPU devices."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg, model_dir: str) -> Estimate:
+    """`jaxtune train`'s look before it loads: print the estimate, and warn when this device is smaller."""
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.model.path = str(model_dir)
+    est = estimate(cfg)
+    print(est.text(devices_table=False))
+    limit = device_memory()
+    if limit and est.total > limit:
+        print(f"WARNING: the run needs about {est.total / GiB:.1f} GiB per device and this device has "
+              f"{limit / GiB:.1f} GiB: it will probably run out of memory. Lower train.micro_batch_size (and raise "
+              "train.grad_accum_steps) or data.seq_len, set model.remat='full', or use method='qlora'. "
+              "`jaxtune estimate` shows the parts.")
+    return est
+
+
+def estimate(cfg, devices: int | None = None) -> Estimate:
+    """Memory per device of the run `cfg` on `devices` devices (default: those visible here)."""
+    from jaxtune.train.step import chunk_size
+
+    devices = devices or jax.device_count()
+    mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices))
+    run = abstract_run(cfg)
+    mcfg = run.model_cfg
+    frozen, trainable = per_device_bytes(run.frozen, mesh), per_device_bytes(run.trainable, mesh)
+    optimizer = per_device_bytes(run.opt_state, mesh)
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.micro_batch_size % batch_ways:
+        raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
+                           f"mesh data x fsdp = {batch_ways}")
+    b, t, tensor = cfg.train.micro_batch_size // batch_ways, cfg.data.seq_len, mesh.shape["tensor"]
+    act = jnp.dtype(mcfg.dtype).itemsize
+    d, v = mcfg.hidden_size, mcfg.vocab_size
+    stream = b * t * d * act  # the residual stream each layer's backward starts from
+    kept, invariant = (n // tensor for n in layer_residual_bytes(run, cfg, b, t, mcfg.remat))
+    every = kept if mcfg.remat == "none" else layer_residual_bytes(run, cfg, b, t, "none")[0] // tensor
+    activations = mcfg.num_layers * (stream + int(RESIDUALS_KEPT * kept)) + invariant
+    # Two phases that are never live together: the loss (chunk by chunk, before the layers' backward)
+    # and one layer's backward (its forward recomputed where remat dropped it, and its cotangents).
+    chunk = chunk_size(t, cfg.train.loss_chunk)
+    loss = LOGIT_COPIES * b * chunk * v * 4 // tensor + 2 * b * t * d * 4
+    loss += TIED_COPIES * v * d * act // tensor if mcfg.tie_word_embeddings else 0
+    layer = (every - kept if mcfg.remat != "none" else 0) + int(LAYER_COTANGENTS * every)
+    layer += 2 * _largest_dequantized_kernel(run, act) if cfg.method == "qlora" else 0
+    parts = {
+        "frozen": sum(frozen.values()),
+        "trainable": sum(trainable.values()),
+        "optimizer": sum(optimizer.values()),
+        "gradients": sum(trainable.values()),
+        "activations": activations,
+        "backward peak": max(loss, layer),
+    }
+    show = lambda sizes: ", ".join(f"{k} {n / GiB:.2f}" for k, n in sorted(sizes.items())) + " GiB" if sizes else ""
+    details = {
+        "frozen": show(frozen),
+        "trainable": show(trainable),
+        "optimizer": f"AdamW moments + MultiSteps' gradient accumulator: {show(optimizer)}",
+        "gradients": "one gradient of the trainable weights",
+        "activations": f"micro-batch {b} x {t} per device; {mcfg.num_layers} layers x ({stream / MiB:.1f} MiB "
+                       f"stream + {RESIDUALS_KEPT * kept / MiB:.1f} MiB kept by remat={mcfg.remat!r})",
+        "backward peak": f"the larger of the loss ({loss / MiB:.0f} MiB: float32 logits of {b} x {chunk} tokens "
+                         f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
+                         f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
+    }
+    return Estimate(parts, details, devices, dict(mesh.shape))
