@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -56,11 +57,30 @@ def cmd_preflight(args):
     print("preflight: OK")
 
 
+PROCESS_FLAGS = ("--coordinator", "--num-processes", "--process-id")
+
+
 def cmd_train(args):
-    from jaxtune import config
+    from jaxtune import config, distributed
+
+    overrides = []
+    for item in args.overrides:  # the process flags may also follow the config file
+        flag, _, value = item.partition("=")
+        if flag in PROCESS_FLAGS and value:
+            setattr(args, flag[2:].replace("-", "_"), value)
+        else:
+            overrides.append(item)
+    cfg = config.load(args.config, overrides)  # a bad config fails before any process waits for the others
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not distributed.is_main():  # its reports would repeat process 0's; errors still reach stderr
+        import jax
+
+        print(f"process {jax.process_index()} of {jax.process_count()}: training; process 0 reports", file=sys.stderr)
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # native libraries' prints too
     from jaxtune.train.loop import train
 
-    summary = train(config.load(args.config, args.overrides))
+    summary = train(cfg)
     return EXIT_RESUMABLE if summary.get("stopped_by_signal") else 0
 
 
@@ -169,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("train", help="train (or resume) from a config file: jaxtune train CONFIG.py [--config.key=value ...]")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, for a job of several processes (hosts); "
+                                         "default $JAX_COORDINATOR_ADDRESS; Cloud TPU VMs need none of these")
+    p.add_argument("--num-processes", help="processes in the job (default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", help="this process, 0 .. N-1 (default $JAX_PROCESS_ID)")
     p.add_argument("config", help="a Python file with get_config(), e.g. configs/quickstart.py")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.train.lr=1e-4 ... (see `jaxtune keys`)")
     p.set_defaults(func=cmd_train)

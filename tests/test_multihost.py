@@ -29,3 +29,73 @@ def test_two_hosts_feed_one_global_batch():
     assert len(a["local_rows"]) == len(b["local_rows"]) == 4
     assert set(a["local_rows"]).isdisjoint(b["local_rows"])
     assert a["sum"] == b["sum"] == a["expected"]
+
+
+def start_job(config_file, processes: int, devices_per_process: int, *extra):
+    """`jaxtune train` as a job of `processes` local processes (gloo on 127.0.0.1), each with its own
+    CPU devices, as the hosts of a pod run it; returns the Popen objects, process 0 first."""
+    port = str(free_port())
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                       "--process-id", str(i)] if processes > 1 else []
+    return [subprocess.Popen([sys.executable, "-m", "jaxtune.cli", "train", *flags(i), str(config_file), *extra],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+
+
+def finish(procs, timeout=400):
+    results = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], results
+
+
+def metric_lines(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_clock(events):
+    return [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]
+
+
+def test_two_processes_train_like_one_and_stop_together(tiny_dir, chat_data, tmp_path):
+    """The real `jaxtune train` as 2 processes x 4 CPU devices = one 8-device mesh: the losses of the
+    1-process x 8-device run; process 0 alone writes metrics.jsonl; SIGTERM to process 1 alone makes
+    both save the same step and exit 75; re-running both resumes to exactly the uninterrupted losses."""
+    import signal
+    import time
+
+    from conftest import run_config, write_config_file
+
+    def config(name, steps):
+        cfg = run_config(tiny_dir, chat_data, tmp_path / name, **{
+            "mesh.fsdp": -1, "train.micro_batch_size": 8, "train.max_steps": steps, "log.every_steps": 1,
+            "eval.every_steps": 10, "checkpoint.every_steps": 10})
+        return write_config_file(tmp_path / f"{name}.py", cfg)
+
+    codes, outs = finish(start_job(config("one", 30), 1, 8))
+    assert codes == [0], outs[0][1][-3000:]
+    codes, outs = finish(start_job(config("two", 30), 2, 4))
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
+    assert [(e["step"], sorted(e)) for e in one] == [(e["step"], sorted(e)) for e in two]  # no line twice
+    for a, b in zip(one, two):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)
+    assert "process 1 of 2: training; process 0 reports" in outs[1][1] and outs[1][0] == ""
+
+    stopped = tmp_path / "stopped"
+    procs = start_job(config("stopped", 30), 2, 4)
+    deadline = time.time() + 300
+    while not ((stopped / "metrics.jsonl").is_file() and len(metric_lines(stopped)) >= 4):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the job ended before the signal"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # one host gets the preemption notice
+    codes, outs = finish(procs)
+    assert codes == [75, 75], [err[-3000:] for _, err in outs]
+    saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == "SIGTERM" and summary["steps"] == saved[-1] < 30
+    codes, outs = finish(start_job(tmp_path / "stopped.py", 2, 4))
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    assert without_clock(metric_lines(stopped)) == without_clock(metric_lines(tmp_path / "two"))

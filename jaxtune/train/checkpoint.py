@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax import lax
+from jax.experimental import multihost_utils
 
 from jaxtune.errors import JaxtuneError
 
@@ -215,11 +216,12 @@ class Checkpoints:
             except ValueError as e:
                 damaged.append((step, str(e)))
                 continue
-            for bad, reason in damaged:
-                moved = self._quarantine(bad)
+            for bad, reason in damaged:  # every process found the same; process 0 moves them
+                moved = self._quarantine(bad) if jax.process_index() == 0 else "damaged_checkpoints/"
                 print(f"warning: checkpoint {self.workdir / 'checkpoints' / str(bad)} is damaged ({reason}); "
                       f"skipped and moved to {moved}; resuming from step {step}")
             if damaged:
+                multihost_utils.sync_global_devices("jaxtune: damaged checkpoints moved")
                 self.last.reload()
             return result
         if damaged:

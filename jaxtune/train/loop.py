@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune import lora, sharding
+from jaxtune import distributed, lora, sharding
 from jaxtune.atomic import write_text
 from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
@@ -96,10 +96,15 @@ class Steps:
     train_step: Callable  # (trainable, frozen, opt_state, batch, supervised_per_micro_step, rng) -> ...
     eval_step: Callable  # (trainable, frozen, batch) -> (loss sum, tokens)
     batch_sharding: NamedSharding
+    flag_sharding: NamedSharding  # the stop flags: one per batch row
 
     def to_device(self, local: dict) -> dict:
         """This process's rows -> global arrays over the mesh."""
         return {name: jax.make_array_from_process_local_data(self.batch_sharding, v) for name, v in local.items()}
+
+    def stop_flags(self, rows: int, signal_number: int):
+        """This process's stop request (a signal number, 0 = none) on each of its `rows` batch rows."""
+        return jax.make_array_from_process_local_data(self.flag_sharding, np.full(rows, signal_number, np.int32))
 
 
 @dataclasses.dataclass
@@ -201,6 +206,7 @@ def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
     batch_sharding = sharding.named_sharding(("batch", "length"), (cfg.train.micro_batch_size, cfg.data.seq_len), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_s = {name: batch_sharding for name in opt.batches.rows}
+    flag_s = sharding.named_sharding(("batch",), (cfg.train.micro_batch_size,), mesh)
 
     def in_mesh(fn):
         @functools.wraps(fn)
@@ -210,11 +216,11 @@ def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
         return wrapped
 
     train_step = jax.jit(in_mesh(make_train_step(model.graphdef, opt.tx, cfg.train.loss_chunk)), donate_argnums=(0, 2),
-                         in_shardings=(trainable_s, frozen_s, opt_s, batch_s, replicated, replicated),
+                         in_shardings=(trainable_s, frozen_s, opt_s, batch_s, replicated, replicated, flag_s),
                          out_shardings=(trainable_s, opt_s, replicated))
     eval_step = jax.jit(in_mesh(make_eval_step(model.graphdef, cfg.train.loss_chunk)),
                         in_shardings=(trainable_s, frozen_s, batch_s), out_shardings=replicated)
-    return Steps(train_step, eval_step, batch_sharding)
+    return Steps(train_step, eval_step, batch_sharding, flag_s)
 
 
 def restore(cfg, checkpoints: Checkpoints, model: Model, opt: Optimizer) -> LoopState:
@@ -231,7 +237,9 @@ def restore(cfg, checkpoints: Checkpoints, model: Model, opt: Optimizer) -> Loop
 
 def evaluate(cfg, model: Model, data: Data, steps: Steps) -> float:
     """Token-weighted loss over the validation rows (capped by eval.max_batches)."""
-    sums = [steps.eval_step(model.trainable, model.frozen, steps.to_device(b))
+    rows = cfg.train.micro_batch_size // jax.process_count()
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)  # as the loader splits batches
+    sums = [steps.eval_step(model.trainable, model.frozen, steps.to_device({k: v[mine] for k, v in b.items()}))
             for b in eval_batches(data.packed.val, cfg.train.micro_batch_size, cfg.eval.max_batches)]
     loss_sum, tokens = np.sum(jax.device_get(sums), axis=0)
     return float(loss_sum / max(tokens, 1))
@@ -276,19 +284,24 @@ class Loop:
         from tqdm import tqdm
 
         cfg, state, total = self.cfg, self.state, self.opt.steps
-        bar = tqdm(total=total, initial=state.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=state.step, disable=not (self.progress and distributed.is_main()), unit="step",
+                   dynamic_ncols=True)
         with StopSignal() as stop:
             while state.step < total and state.stop_reason is None:
-                self.update()
+                self.update(stop.received)
                 state.step += 1
                 bar.update(1)
                 self.checkpoints.check()  # a failed background save stops the run now, not steps later
-                signalled = stop.received  # read once: a signal arriving later is handled at the next step
+                # One process acts on a signal at once; several agree through the step's stop flags,
+                # read with the loss at log/eval/save steps, so all of them save the same step.
+                signalled = stop.received if jax.process_count() == 1 else None
                 at_log = state.step % cfg.log.every_steps == 0 or state.step == total
                 at_eval = (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or state.step == total
                 at_save = state.step % cfg.checkpoint.every_steps == 0 or state.step == total or signalled
                 if at_log or at_eval or at_save:
                     self.halt_unless_finite()
+                    if int(self.host["stop"]) and jax.process_count() > 1:
+                        signalled = at_save = signal.Signals(int(self.host["stop"])).name
                 if at_log:
                     bar.set_postfix(self.log_window())
                 if at_eval and self.data.packed.val is not None:
@@ -296,7 +309,8 @@ class Loop:
                 if at_save or state.stop_reason:
                     self.save()
                 if signalled and state.step < total:
-                    state.stop_reason = f"{signalled} received: checkpoint saved at step {state.step}; re-run to resume"
+                    by = " by a process of the job" if jax.process_count() > 1 else ""
+                    state.stop_reason = f"{signalled} received{by}: checkpoint saved at step {state.step}; re-run to resume"
                     state.stopped_by = signalled
         bar.close()
         try:
@@ -305,20 +319,23 @@ class Loop:
             self.checkpoints.close()
         return state
 
-    def update(self):
+    def update(self, signalled: str | None):
         """One optimizer update: k micro-steps whose loss is normalised by the supervised tokens of the
-        whole global batch, so uneven micro-batches add up to exactly one big batch."""
+        whole global batch, so uneven micro-batches add up to exactly one big batch. `signalled` (the
+        stop signal this process received) rides along as the step's stop flag."""
         cfg, model, opt = self.cfg, self.model, self.opt
         accum_steps = cfg.train.grad_accum_steps
         local, supervised = opt.batches.next_step()
         supervised_per_micro_step = jnp.float32(max(supervised, 1) / accum_steps)  # MultiSteps averages k grads
         rows = cfg.train.micro_batch_size // jax.process_count()
+        flags = self.steps.stop_flags(rows, signal.Signals[signalled].value if signalled else 0)
         for i in range(accum_steps):
             chunk = {name: v[i * rows:(i + 1) * rows] for name, v in local.items()}
             self.window_tokens += int((chunk["segment_ids"] > 0).sum()) * jax.process_count()
             rng = jax.random.fold_in(self.base_key, self.state.step * accum_steps + i)
             model.trainable, opt.state, metrics = self.steps.train_step(
-                model.trainable, model.frozen, opt.state, self.steps.to_device(chunk), supervised_per_micro_step, rng)
+                model.trainable, model.frozen, opt.state, self.steps.to_device(chunk), supervised_per_micro_step, rng,
+                flags)
             self.window = metrics if self.window is None else {
                 **metrics, "loss_sum": self.window["loss_sum"] + metrics["loss_sum"],
                 "tokens": self.window["tokens"] + metrics["tokens"]}
@@ -358,7 +375,8 @@ class Loop:
             self.save(best=True)
         else:
             state.best["evals_since_best"] += 1
-        curves.plot(Path(cfg.workdir), self.log.events, self.model.vocab_size)
+        if distributed.is_main():
+            curves.plot(Path(cfg.workdir), self.log.events, self.model.vocab_size)
         patience = cfg.eval.early_stopping_patience
         if patience and state.best["evals_since_best"] >= patience:
             state.stop_reason = (f"early stopping: no better eval loss for {patience} evals "
@@ -376,7 +394,8 @@ class Loop:
 def finish(cfg, model: Model, data: Data, state: LoopState, log: MetricsLog) -> dict:
     """curves.png, summary.json (losses, best step, why it stopped, the diagnosis), and a reply."""
     workdir = Path(cfg.workdir)
-    curves.plot(workdir, log.events, model.vocab_size)
+    if distributed.is_main():
+        curves.plot(workdir, log.events, model.vocab_size)
     train_points, eval_points = points(log.events, "loss"), points(log.events, "eval_loss")
     verdict = curves.diagnose_metrics(log.events, model.vocab_size)
     summary = {"steps": state.step, "final_loss": train_points[-1][1] if train_points else None,
@@ -385,7 +404,8 @@ def finish(cfg, model: Model, data: Data, state: LoopState, log: MetricsLog) -> 
                "best_eval_loss": state.best["eval_loss"] if state.best["step"] else None,
                "best_step": state.best["step"], "stopped": state.stop_reason, "stopped_by_signal": state.stopped_by,
                **verdict}
-    write_text(workdir / "summary.json", json.dumps(summary, indent=2))
+    if distributed.is_main():
+        write_text(workdir / "summary.json", json.dumps(summary, indent=2))
     if state.stop_reason:
         print(state.stop_reason)
     print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
@@ -408,9 +428,11 @@ def train(cfg, *, progress=None) -> dict:
         opt = setup_optimizer(cfg, model, data)
         steps = compile_steps(cfg, model, opt)
         state = restore(cfg, checkpoints, model, opt)
-        write_text(workdir / "config.json", json.dumps({**cfg.to_dict(), "identity": identity,
-                                                        "resolved": opt.resolved}, indent=2))
-        log = MetricsLog(workdir, state.step if state.last_saved is not None else None, cfg.log.tensorboard)
+        if distributed.is_main():
+            write_text(workdir / "config.json", json.dumps({**cfg.to_dict(), "identity": identity,
+                                                            "resolved": opt.resolved}, indent=2))
+        log = MetricsLog(workdir, state.step if state.last_saved is not None else None, cfg.log.tensorboard,
+                         writer=distributed.is_main())
         if state.step == 0:
             if cfg.eval.prompt:
                 print(f"before: {reply(cfg, model, data)}")

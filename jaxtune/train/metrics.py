@@ -10,20 +10,25 @@ from jaxtune.errors import JaxtuneError
 
 
 class MetricsLog:
-    def __init__(self, workdir: Path, resume_step: int | None, tensorboard: bool):
-        """Keep the events up to the resumed step (none on a fresh start): the steps after it are redone."""
+    def __init__(self, workdir: Path, resume_step: int | None, tensorboard: bool, *, writer: bool = True):
+        """Keep the events up to the resumed step (none on a fresh start): the steps after it are redone.
+        Every process keeps the events (the diagnosis reads them); only the `writer` (process 0) writes."""
         self.path = Path(workdir) / "metrics.jsonl"
         kept = [m for m in read_metrics(workdir) if resume_step is not None and m["step"] <= resume_step]
-        write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+        self.writer = writer
+        if writer:
+            write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
         self.events = kept
         self.tb = None
-        if tensorboard:
+        if tensorboard and writer:
             from tensorboardX import SummaryWriter  # optional
 
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, event: dict):
         self.events.append(event)
+        if not self.writer:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
         if self.tb:

@@ -75,8 +75,9 @@ class WorkdirLock:
 
 def check_writable(workdir: Path) -> None:
     """Fail now, not after a model has loaded, when the workdir cannot take files."""
-    probe = Path(workdir) / f".write-test-{os.getpid()}"
+    probe = Path(workdir) / f".write-test-{socket.gethostname()}-{os.getpid()}"  # hosts of a pod may share it
     try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

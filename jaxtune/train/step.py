@@ -56,8 +56,11 @@ def accumulated_grad_norm(grads, opt_state: optax.MultiStepsState):
 
 
 def make_train_step(graphdef, optimizer: optax.MultiSteps, loss_chunk: int):
-    def train_step(trainable, frozen, opt_state, batch, supervised_per_micro_step, rng):
-        """`supervised_per_micro_step` = supervised tokens of the whole global batch / k."""
+    def train_step(trainable, frozen, opt_state, batch, supervised_per_micro_step, rng, stop_flags=None):
+        """`supervised_per_micro_step` = supervised tokens of the whole global batch / k. `stop_flags`
+        (one int per batch row, each process filling its rows with the signal it received, 0 for none)
+        come back as their max in the metrics: every process reads the same value with the loss, so all
+        agree on a stop at the same step without a host round trip of their own."""
         def loss_fn(trainable):
             model = nnx.merge(graphdef, trainable, frozen)
             loss_sum, tokens = token_loss_sums(model, batch, rng, loss_chunk)
@@ -69,6 +72,8 @@ def make_train_step(graphdef, optimizer: optax.MultiSteps, loss_chunk: int):
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": grad_norm,
                    "param_norm": optax.tree_utils.tree_norm(trainable)}  # non-finite = never checkpoint these
+        if stop_flags is not None:
+            metrics["stop"] = jnp.max(stop_flags)
         return trainable, opt_state, metrics
 
     return train_step
