@@ -116,6 +116,11 @@ def use_mesh(mesh: Mesh | None):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `use_mesh` block (None outside one)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
     mesh = _ACTIVE.get()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import quant, sharding
+from jaxtune import quant, sharding, vocab_parallel
 
 # The linear projections of a layer, named as HF names the modules (LoRA targets, PEFT files and the
 # HF tensor names in `jaxtune.models.hf` all use these), in the attention / MLP groups HF nests them in.
@@ -312,7 +312,7 @@ class Llama(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = vocab_parallel.embed(self.embed[...], tokens_bt).astype(jnp.dtype(cfg.dtype))
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         if cache is None:
             mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, cfg.sliding_window)

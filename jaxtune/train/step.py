@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune import sharding
+from jaxtune import vocab_parallel
 from jaxtune.models.llama import Llama
 
 
@@ -34,11 +34,7 @@ def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
     @jax.checkpoint
     def chunk_loss(total, xs):
         h, targets, weights = xs
-        logits = jnp.einsum("BCD,DV->BCV", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
-        return total + jnp.sum(losses * weights), None
+        return total + vocab_parallel.cross_entropy_sum(h, unembed, targets, weights), None
 
     weights = batch["weights"].astype(jnp.float32)
     total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),

@@ -1,0 +1,89 @@
+"""The embedding lookup and the cross-entropy with the vocabulary sharded, written with `shard_map`.
+
+Left to the SPMD partitioner, a gather from a table sharded over (vocab: tensor, embed: fsdp) with
+token ids sharded over the batch ends in an "involuntary full rematerialization": the whole table is
+gathered onto every device. Here each device keeps its slice of the vocabulary: it looks up the ids
+that fall in its slice (zeros elsewhere) and a sum over the `tensor` axis completes every row; the loss
+takes a max and a sum of exponentials over the slices (two small all-reduces) instead of gathering
+float32 logits. The `fsdp`-sharded hidden dimension of the table is gathered inside, one table at a
+time, as FSDP gathers any weight. Without a mesh both are the plain computation.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxtune import sharding
+
+
+def _axes(entry) -> tuple:
+    """The mesh axes one PartitionSpec entry names (none, one, or several)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _slice_start(vocab_axes: tuple, rows: int):
+    """The first vocabulary id of this device's slice."""
+    return jax.lax.axis_index(vocab_axes) * rows if vocab_axes else 0
+
+
+def embed(table, tokens):
+    """table[tokens]: `table` [V, D] with logical axes ("vocab", "embed"), `tokens` [B, T]."""
+    mesh = sharding.active_mesh()
+    if mesh is None:
+        return jnp.take(table, tokens, axis=0)
+    table_spec = sharding.spec(("vocab", "embed"), table.shape, mesh)
+    token_spec = sharding.spec(("batch", "length"), tokens.shape, mesh)
+    vocab_axes, embed_axes = _axes(table_spec[0]), _axes(table_spec[1])
+
+    def local(table, tokens):
+        if embed_axes:
+            table = jax.lax.all_gather(table, embed_axes, axis=1, tiled=True)
+        rows = table.shape[0]
+        ids = tokens - _slice_start(vocab_axes, rows)
+        inside = (ids >= 0) & (ids < rows)
+        found = jnp.where(inside[..., None], jnp.take(table, jnp.clip(ids, 0, rows - 1), axis=0), 0)
+        return jax.lax.psum(found, vocab_axes) if vocab_axes else found
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, token_spec),
+                         out_specs=PartitionSpec(*token_spec, None))(table, tokens)
+
+
+def cross_entropy_sum(hidden, unembed, targets, weights):
+    """Σ weights · (logsumexp(logits) − logits[target]) over a chunk, logits = hidden @ unembed in
+    float32: `hidden` [B, C, D], `unembed` [D, V] with logical axes ("embed", "vocab"), `targets` and
+    `weights` [B, C]. A float32 scalar."""
+    mesh = sharding.active_mesh()
+    if mesh is None:
+        return _token_losses(hidden, unembed, targets, weights, (), 0).sum()
+    unembed_spec = sharding.spec(("embed", "vocab"), unembed.shape, mesh)
+    row_spec = sharding.spec(("batch", "length"), targets.shape, mesh)
+    embed_axes, vocab_axes = _axes(unembed_spec[0]), _axes(unembed_spec[1])
+    batch_axes = tuple(a for entry in row_spec for a in _axes(entry))
+
+    def local(hidden, unembed, targets, weights):
+        if embed_axes:
+            unembed = jax.lax.all_gather(unembed, embed_axes, axis=0, tiled=True)
+        start = _slice_start(vocab_axes, unembed.shape[1])
+        total = _token_losses(hidden, unembed, targets, weights, vocab_axes, start).sum()
+        return jax.lax.psum(total, batch_axes) if batch_axes else total
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*row_spec, None), unembed_spec, row_spec, row_spec),
+                         out_specs=PartitionSpec())(hidden, unembed, targets, weights)
+
+
+def _token_losses(hidden, unembed, targets, weights, vocab_axes: tuple, start):
+    """Weighted token losses [B, C] from this device's vocabulary slice (the whole vocabulary when
+    `vocab_axes` is empty); the max is a constant for the gradient, so it needs no derivative."""
+    logits = jnp.einsum("BCD,DV->BCV", hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    peak = jax.lax.stop_gradient(logits.max(axis=-1))
+    if vocab_axes:
+        peak = jax.lax.pmax(peak, vocab_axes)
+    summed = jnp.exp(logits - peak[..., None]).sum(axis=-1)
+    ids = targets - start
+    inside = (ids >= 0) & (ids < logits.shape[-1])
+    target_logit = jnp.where(inside, jnp.take_along_axis(logits, jnp.clip(ids, 0, logits.shape[-1] - 1)[..., None],
+                                                         axis=-1)[..., 0], 0.0)
+    if vocab_axes:
+        summed, target_logit = jax.lax.psum(summed, vocab_axes), jax.lax.psum(target_logit, vocab_axes)
+    return (jnp.log(summed) + peak - target_logit) * weights
