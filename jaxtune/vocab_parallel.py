@@ -76,14 +76,13 @@ def _token_losses(hidden, unembed, targets, weights, vocab_axes: tuple, start):
     """Weighted token losses [B, C] from this device's vocabulary slice (the whole vocabulary when
     `vocab_axes` is empty); the max is a constant for the gradient, so it needs no derivative."""
     logits = jnp.einsum("BCD,DV->BCV", hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    peak = jax.lax.stop_gradient(logits.max(axis=-1))
-    if vocab_axes:
-        peak = jax.lax.pmax(peak, vocab_axes)
-    summed = jnp.exp(logits - peak[..., None]).sum(axis=-1)
+    if not vocab_axes:  # the whole vocabulary here: XLA keeps fewer float32 [B, C, V] buffers for this form
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return (jax.nn.logsumexp(logits, axis=-1) - target_logit) * weights
+    peak = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=-1)), vocab_axes)
+    summed = jax.lax.psum(jnp.exp(logits - peak[..., None]).sum(axis=-1), vocab_axes)
     ids = targets - start
     inside = (ids >= 0) & (ids < logits.shape[-1])
-    target_logit = jnp.where(inside, jnp.take_along_axis(logits, jnp.clip(ids, 0, logits.shape[-1] - 1)[..., None],
-                                                         axis=-1)[..., 0], 0.0)
-    if vocab_axes:
-        summed, target_logit = jax.lax.psum(summed, vocab_axes), jax.lax.psum(target_logit, vocab_axes)
+    picked = jnp.take_along_axis(logits, jnp.clip(ids, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    target_logit = jax.lax.psum(jnp.where(inside, picked, 0.0), vocab_axes)
     return (jnp.log(summed) + peak - target_logit) * weights
