@@ -159,21 +159,18 @@ def cmd_verify(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    ingest_commands.register_cli(sub)
+    return parser
 
+
+def _add_data_commands(sub):
+    """assets, preflight: the data a run trains on."""
     p = sub.add_parser("assets", help="build the offline demo assets (SmolLM2-135M-Instruct, chitchat) and print their paths")
     p.add_argument("names", nargs="+", choices=list(ASSETS))
     p.set_defaults(func=cmd_assets)
-
-    p = sub.add_parser("generate", help="complete a prompt with a model directory (KV cache, greedy at temperature 0)")
-    p.add_argument("model", help="Hugging Face model directory (or hub id when online)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("preflight", help="tokenize, pack and check data before training; show samples as token/label pairs")
     p.add_argument("data", nargs="+", help="record files (.jsonl/.json/.csv/.parquet), hub names, or tfds:NAME")
@@ -188,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=1, help="print this many samples as token/label pairs")
     p.set_defaults(func=cmd_preflight)
 
+
+def _add_training_commands(sub):
+    """train, estimate, keys, curves: running and watching a training."""
     p = sub.add_parser("train", help="train (or resume) from a config file: jaxtune train CONFIG.py [--config.key=value ...]")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for a job of several processes (hosts); "
                                          "default $JAX_COORDINATOR_ADDRESS; Cloud TPU VMs need none of these")
@@ -210,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("curves", help="redraw WORKDIR/curves.png from metrics.jsonl and print the diagnosis")
     p.add_argument("workdir")
     p.set_defaults(func=cmd_curves)
+
+
+def _add_model_commands(sub):
+    """generate, export, quantize, verify: model directories in and out."""
+    p = sub.add_parser("generate", help="complete a prompt with a model directory (KV cache, greedy at temperature 0)")
+    p.add_argument("model", help="Hugging Face model directory (or hub id when online)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a run as a merged HF model dir or a PEFT adapter dir, checked by transformers/peft")
     p.add_argument("workdir")
@@ -240,9 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.set_defaults(func=cmd_verify)
-
-    ingest_commands.register_cli(sub)
-    return parser
 
 
 def main(argv=None) -> int:

@@ -279,6 +279,7 @@ class Loop:
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.host, self.loss = None, math.nan  # the window as read at the last log/eval/save step
         self.base_key = jax.random.key(cfg.seed)  # dropout: one key per micro-step, folded in
+        self.flags = {}  # the step's stop-flag arrays by signal number (0: none)
 
     def run(self) -> LoopState:
         from tqdm import tqdm
@@ -328,7 +329,10 @@ class Loop:
         local, supervised = opt.batches.next_step()
         supervised_per_micro_step = jnp.float32(max(supervised, 1) / accum_steps)  # MultiSteps averages k grads
         rows = cfg.train.micro_batch_size // jax.process_count()
-        flags = self.steps.stop_flags(rows, signal.Signals[signalled].value if signalled else 0)
+        value = signal.Signals[signalled].value if signalled else 0
+        if value not in self.flags:  # built once per value: no host-to-device copy on each step
+            self.flags[value] = self.steps.stop_flags(rows, value)
+        flags = self.flags[value]
         for i in range(accum_steps):
             chunk = {name: v[i * rows:(i + 1) * rows] for name, v in local.items()}
             self.window_tokens += int((chunk["segment_ids"] > 0).sum()) * jax.process_count()
