@@ -3,17 +3,19 @@ bfloat16 weights sharded over fsdp=16, full remat, one 4,096-token row per chip,
 
     jaxtune estimate configs/llama3_8b_lora_v4_32.py --devices=16      # 13 GiB of 32 per chip
     tpu_scripts/babysit.sh llama-pod --type v4-32 --zone us-central2-b --spot --run r1 -- \\
-        jaxtune train configs/llama3_8b_lora_v4_32.py --config.data.train=/mnt/shared/chats.jsonl
+        jaxtune train configs/llama3_8b_lora_v4_32.py --config.workdir=gs://MY-BUCKET/runs/r1 \
+        --config.data.train=/home/me/data/chats.jsonl
 
-Every host runs the same command; `jaxtune train` finds the pod by itself. The workdir must be a
-directory every host shares (a Filestore/NFS mount: see docs/tpu.md).
+Every host runs the same command; `jaxtune train` finds the pod by itself. The workdir must be one
+every host reaches — a bucket (gs://, as above) or a shared mount; the data file must be on each host
+(docs/tpu.md shows how to stage it).
 """
 from jaxtune.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.workdir = "/mnt/shared/runs/llama3_8b_lora"
+    config.workdir = "gs://MY-BUCKET/runs/llama3_8b_lora"  # yours: --config.workdir=gs://…
     config.method = "lora"
     config.model.path = "meta-llama/Meta-Llama-3-8B"
     config.model.dtype = "bfloat16"

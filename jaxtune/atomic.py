@@ -8,6 +8,7 @@ that names a run, a model or a folder of their own files is refused, never delet
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import IO, Callable, TypeVar
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.paths import is_remote, run_path
 
 MARKER = "jaxtune_export.json"
 T = TypeVar("T")
@@ -23,7 +25,13 @@ T = TypeVar("T")
 
 def write_file(path: str | os.PathLike, write: Callable[[IO], T], *, binary: bool = False) -> T:
     """Call write(f) on a temporary sibling of `path`, then rename it into place: a crash or error leaves
-    the old file (or none), never a partial one. Returns what `write` returns. Text is UTF-8."""
+    the old file (or none), never a partial one. Returns what `write` returns. Text is UTF-8.
+    In a bucket one upload is atomic already: the content is built in memory and uploaded once."""
+    if is_remote(path):
+        buffer = io.BytesIO() if binary else io.StringIO()
+        result = write(buffer)
+        run_path(path).write_bytes(buffer.getvalue() if binary else buffer.getvalue().encode("utf-8"))
+        return result
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -104,19 +104,19 @@ def cmd_keys(_args):
 
 
 def cmd_curves(args):
-    from pathlib import Path
-
+    from jaxtune.paths import run_path
     from jaxtune.train import curves
 
-    metrics = curves.read_metrics(Path(args.workdir))
+    workdir = run_path(args.workdir)
+    metrics = curves.read_metrics(workdir)
     if not metrics:
         raise JaxtuneError(f"{args.workdir}/metrics.jsonl: missing or empty; is this a jaxtune workdir?")
     vocab_size = None
     try:  # the collapse diagnosis compares the loss with ln(vocab)
-        vocab_size = json.loads((Path(args.workdir) / "config.json").read_text())["resolved"]["vocab_size"]
+        vocab_size = json.loads((workdir / "config.json").read_text())["resolved"]["vocab_size"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    print(curves.plot(Path(args.workdir), metrics, vocab_size))
+    print(curves.plot(workdir, metrics, vocab_size))
     verdict = curves.diagnose_metrics(metrics, vocab_size)
     print(f"diagnosis: {verdict['diagnosis']} — {verdict['reason']}")
 

@@ -92,7 +92,8 @@ DTYPE = one_of(*DTYPES)
 
 SCHEMA = [
     # key, default, help, domain
-    ("workdir", "runs/default", "run directory: config.json, metrics.jsonl, curves.png, summary.json, checkpoints/",
+    ("workdir", "runs/default", "run directory (a local path, or gs://bucket/run for a pod: every host reaches it): "
+                              "config.json, metrics.jsonl, curves.png, summary.json, checkpoints/",
      text("a non-empty path", empty=False)),
     ("seed", 0, "seed for LoRA init, dropout and data order", integer(0)),
     ("method", "lora", "'lora' (frozen base + LoRA factors), 'qlora' (LoRA on a frozen NF4 base) or 'full' "

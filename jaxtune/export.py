@@ -11,6 +11,7 @@ from flax import nnx
 from jaxtune import lora, quant
 from jaxtune.atomic import check_replaceable, write_dir
 from jaxtune.errors import JaxtuneError
+from jaxtune.paths import is_remote, run_path
 from jaxtune.models.hf import (HF_MODEL_KIND, from_pretrained, is_bnb_4bit, load_tokenizer, read_hf_config,
                                refuse_custom_code, write_hf_files)
 from jaxtune.models.llama import Llama
@@ -23,7 +24,7 @@ def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[L
     """The trained model of a workdir (float32, LoRA unmerged), its resolved config and the step."""
     from jaxtune.train.checkpoint import Checkpoints
 
-    workdir = Path(workdir)
+    workdir = run_path(workdir)
     cfg = read_run_config(workdir)
     base = cfg["model"]["path"]
     # A bitsandbytes 4-bit base stays NF4, as transformers + peft will run it; a QLoRA run on a dense
@@ -93,6 +94,8 @@ def check_out(out: Path, kind: str, workdir: Path, cfg: dict, overwrite: bool) -
     only an earlier export of the same kind, when the user says --overwrite."""
     resolved = out.resolve()
     for what, path in (("the run's workdir", workdir), ("the run's base model", Path(cfg["model"]["path"]))):
+        if is_remote(path):
+            continue  # --out is local: it cannot be inside a bucket
         if resolved == path.resolve() or resolved in path.resolve().parents:
             raise JaxtuneError(f"--out {out}: is (or contains) {what} {path}; choose a new directory")
     check_replaceable(out, EXPORT_KINDS[kind], overwrite=overwrite, flag="--overwrite")
@@ -104,7 +107,7 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
     An existing `out` is replaced only if it is an earlier export of the same kind and `overwrite`."""
     if kind not in EXPORT_KINDS:
         raise JaxtuneError(f"export kind must be 'merged' or 'adapter', got {kind!r}")
-    out, workdir = Path(out), Path(workdir)
+    out, workdir = Path(out), run_path(workdir)
     cfg = read_run_config(workdir)
     check_out(out, kind, workdir, cfg, overwrite)
     if kind == "adapter" and cfg["method"] not in lora.LORA_METHODS:

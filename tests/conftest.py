@@ -2,6 +2,11 @@
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,9 +121,38 @@ def write_config_file(path, cfg):
 
 def jaxtune_cli(*args, **kwargs):
     """Start `jaxtune ARGS` as a separate process (as a user runs it): a subprocess.Popen."""
-    import subprocess
-    import sys
-
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "jaxtune.cli", *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bucket():
+    """gs://jaxtune-test on a local emulator; the variables point gcsfs and tensorstore at it."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gcs_emulator.py")), str(port),
+                               "jaxtune-test"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "the GCS emulator did not start"
+            time.sleep(0.2)
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield "gs://jaxtune-test"
+    server.terminate()
+    server.wait(timeout=30)

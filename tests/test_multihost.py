@@ -1,16 +1,12 @@
 """Two local processes with jax.distributed behave like two TPU hosts: each feeds its own slice."""
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def test_two_hosts_feed_one_global_batch():
@@ -50,34 +46,37 @@ def finish(procs, timeout=400):
 
 
 def metric_lines(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    from jaxtune.paths import run_path
+
+    return [json.loads(line) for line in (run_path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def without_clock(events):
     return [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]
 
 
-def test_two_processes_train_like_one_and_stop_together(tiny_dir, chat_data, tmp_path):
-    """The real `jaxtune train` as 2 processes x 4 CPU devices = one 8-device mesh: the losses of the
-    1-process x 8-device run; process 0 alone writes metrics.jsonl; SIGTERM to process 1 alone makes
-    both save the same step and exit 75; re-running both resumes to exactly the uninterrupted losses."""
+def test_two_processes_train_like_one_and_stop_together(tiny_dir, chat_data, tmp_path, bucket):
+    """The real `jaxtune train` as 2 processes x 4 CPU devices = one 8-device mesh, its workdir in a
+    bucket as on a pod: the losses of the 1-process x 8-device run; both processes save and restore
+    through gs://, process 0 alone writes metrics.jsonl; SIGTERM to process 1 alone makes both save the
+    same step and exit 75; re-running both resumes to exactly the uninterrupted losses."""
     import signal
-    import time
 
     from conftest import run_config, write_config_file
 
     from jaxtune.train.loop import train
 
-    def config(name, steps=20):
-        cfg = run_config(tiny_dir, chat_data, tmp_path / name, **{
+    def config(name, steps=20, workdir=None):
+        cfg = run_config(tiny_dir, chat_data, workdir or tmp_path / name, **{
             "mesh.fsdp": -1, "train.micro_batch_size": 8, "train.max_steps": steps, "log.every_steps": 1,
             "eval.every_steps": 10, "checkpoint.every_steps": 10})
         return cfg, write_config_file(tmp_path / f"{name}.py", cfg)
 
     train(config("one")[0])  # 1 process x 8 devices: this test process (conftest forces 8 CPU devices)
-    codes, outs = finish(start_job(config("two")[1], 2, 4))
+    two_dir = f"{bucket}/multihost/two"
+    codes, outs = finish(start_job(config("two", workdir=two_dir)[1], 2, 4))
     assert codes == [0, 0], [err[-3000:] for _, err in outs]
-    one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
+    one, two = metric_lines(tmp_path / "one"), metric_lines(two_dir)
     assert [(e["step"], sorted(e)) for e in one] == [(e["step"], sorted(e)) for e in two]  # no line twice
     for a, b in zip(one, two):
         for key in ("loss", "eval_loss", "grad_norm"):
@@ -87,16 +86,30 @@ def test_two_processes_train_like_one_and_stop_together(tiny_dir, chat_data, tmp
 
     stopped = tmp_path / "stopped"
     procs = start_job(config("stopped")[1], 2, 4)
-    deadline = time.time() + 300
-    while not ((stopped / "metrics.jsonl").is_file() and len(metric_lines(stopped)) >= 4):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), "the job ended before the signal"
-        time.sleep(0.2)
+    wait_until(procs, lambda: (stopped / "metrics.jsonl").is_file() and len(metric_lines(stopped)) >= 4)
     procs[1].send_signal(signal.SIGTERM)  # one host gets the preemption notice
     codes, outs = finish(procs)
     assert codes == [75, 75], [err[-3000:] for _, err in outs]
     saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["stopped_by_signal"] == "SIGTERM" and summary["steps"] == saved[-1] < 20
+
+    # The resumed job loses a host (kill -9) while the final checkpoint is being written; the rest of
+    # the slice goes down with it. The next run must resume from a complete checkpoint, never the partial.
+    procs = start_job(tmp_path / "stopped.py", 2, 4)
+    wait_until(procs, lambda: any(p.name.startswith("20") for p in (stopped / "checkpoints").iterdir()))
+    procs[1].kill()
+    procs[1].wait()
+    time.sleep(2)
+    procs[0].kill()
+    finish(procs)
     codes, outs = finish(start_job(tmp_path / "stopped.py", 2, 4))
     assert codes == [0, 0], [err[-3000:] for _, err in outs]
-    assert without_clock(metric_lines(stopped)) == without_clock(metric_lines(tmp_path / "two"))
+    assert without_clock(metric_lines(stopped)) == without_clock(two)
+
+
+def wait_until(procs, condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the job ended before the signal"
+        time.sleep(0.05)

@@ -180,7 +180,37 @@ def test_setup_ships_only_a_committed_tree(gcloud, repo):
     assert ok.returncode == 0, ok.stderr
     scp, ssh = calls()["calls"]
     assert scp[3] == "scp" and scp[-1] == "--worker=all" and "--worker=all" in ssh
-    assert "pip install -q 'jax[tpu]' -e ~/jaxtune" in ssh[ssh.index("--command") + 1]
+    assert "pip install -q -e ~/jaxtune'[tpu]'" in ssh[ssh.index("--command") + 1]
     (repo / "train.py").write_text("print('v2')\n")
     dirty = script("setup.sh", "pod", "--zone", "z", scripts=repo / "tpu_scripts")
     assert dirty.returncode == 2 and "uncommitted changes" in dirty.stderr
+
+
+def test_skypilot_task_is_valid_for_skypilot_itself(tmp_path):
+    """tpu_scripts/skypilot.yaml, read by SkyPilot's own parser (`make install` puts SkyPilot in a venv
+    of its own): a spot TPU pod with automatic recovery running `jaxtune train` into a bucket; a typo'd
+    key is rejected by the same parser, so the check is real."""
+    sky_python = Path(sys.executable).parent.parent / "skypilot" / "bin" / "python"
+    if not sky_python.exists():
+        pytest.skip(f"{sky_python} missing: `make install` creates it")
+    check = """
+import json, sys, sky, yaml
+task = sky.Task.from_yaml(sys.argv[1])
+(res,) = task.resources
+print(json.dumps({"spot": res.use_spot, "accelerators": res.accelerators, "recovery": res.job_recovery,
+                  "nodes": task.num_nodes, "run": task.run, "setup": task.setup, "envs": task.envs}))
+"""
+    task_file = SCRIPTS / "skypilot.yaml"
+    parsed = subprocess.run([str(sky_python), "-c", check, str(task_file)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr[-2000:]
+    task = json.loads(parsed.stdout.strip().splitlines()[-1])
+    assert task["spot"] and task["accelerators"] == {"tpu-v4-32": 1} and task["nodes"] == 1
+    assert task["recovery"]["strategy"] == "FAILOVER" and task["recovery"]["max_restarts_on_errors"] > 0
+    assert "jaxtune train \"$CONFIG\" --config.workdir=\"$WORKDIR\"" in task["run"]
+    assert (SCRIPTS.parent / task["envs"]["CONFIG"]).is_file() and task["envs"]["WORKDIR"].startswith("gs://")
+    assert ".[tpu]" in task["setup"]
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(task_file.read_text().replace("  use_spot: true", "  use_spott: true"))
+    rejected = subprocess.run([str(sky_python), "-c", check, str(typo)], capture_output=True, text=True)
+    assert rejected.returncode != 0 and "use_spot" in rejected.stderr

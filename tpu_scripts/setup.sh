@@ -2,7 +2,7 @@
 # setup.sh NAME --zone ZONE [--dry-run]
 #
 # Ships the current commit (never a dirty tree: commit first) to every worker and installs jaxtune
-# with jax[tpu] into ~/venv, identically on all hosts.
+# with jax[tpu] and gcsfs (gs:// workdirs) into ~/venv, identically on all hosts.
 source "$(dirname "$0")/common.sh"
 if wants_help "$@"; then sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 
@@ -14,5 +14,5 @@ commit="$(git rev-parse --short HEAD)"
 archive="${TMPDIR:-/tmp}/jaxtune-$commit.tar.gz"
 run git archive --format=tar.gz -o "$archive" HEAD
 run gcloud compute tpus tpu-vm scp "$archive" "$NAME:jaxtune.tar.gz" --zone "$ZONE" --worker=all
-on_all_workers "rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR ~/$LOG_DIR && tar xzf ~/jaxtune.tar.gz -C ~/$REMOTE_DIR && python3 -m venv ~/venv && ~/venv/bin/pip install -q -U pip && ~/venv/bin/pip install -q 'jax[tpu]' -e ~/$REMOTE_DIR && echo $commit > ~/$REMOTE_DIR/COMMIT"
+on_all_workers "rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR ~/$LOG_DIR && tar xzf ~/jaxtune.tar.gz -C ~/$REMOTE_DIR && python3 -m venv ~/venv && ~/venv/bin/pip install -q -U pip && ~/venv/bin/pip install -q -e ~/$REMOTE_DIR'[tpu]' && echo $commit > ~/$REMOTE_DIR/COMMIT"
 echo "jaxtune $commit installed on every worker of $NAME"

@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.paths import is_remote, run_path
 
 SPACE_MARGIN = 1.1  # orbax writes a little metadata beside the arrays
 
@@ -61,7 +62,7 @@ def _manager(directory: Path, keep: int | None, read_only: bool) -> ocp.Checkpoi
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=not read_only,
                                            create=not read_only, read_only=read_only,
                                            cleanup_tmp_directories=not read_only)  # partial saves of a killed run
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("trainable", "opt_state", "meta"))
+    return ocp.CheckpointManager(directory if is_remote(directory) else directory.absolute(), options=options, item_names=("trainable", "opt_state", "meta"))
 
 
 def abstract_like(tree):
@@ -110,9 +111,14 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.2f} MB"
 
 
+def _files(directory):
+    for child in directory.iterdir():
+        yield from _files(child) if child.is_dir() else [child]
+
+
 class Checkpoints:
     def __init__(self, workdir: Path, keep: int, *, read_only: bool = False):
-        self.workdir = Path(workdir)
+        self.workdir = run_path(workdir)
         self.read_only = read_only
         self.last = _manager(self.workdir / "checkpoints", keep, read_only)
         self.best = _manager(self.workdir / "best_checkpoint", 1, read_only)
@@ -127,10 +133,10 @@ class Checkpoints:
         crash: the same computation again) is replaced rather than a collision."""
         self.wait()  # orbax would wait for the previous save anyway; this way its failure names its step
         manager = self.best if best else self.last
-        directory = Path(manager.directory)
+        directory = run_path(manager.directory)
         self.save_bytes = int(_nbytes(trainable, opt_state) * SPACE_MARGIN)
-        free = shutil.disk_usage(directory).free
-        if free < self.save_bytes:
+        free = None if is_remote(directory) else shutil.disk_usage(directory).free  # a bucket has no such figure
+        if free is not None and free < self.save_bytes:
             raise JaxtuneError(self._failed(directory, step, f"not enough disk space: it needs about "
                                                             f"{_mb(self.save_bytes)}, {_mb(free)} free"))
         if step in manager.all_steps():
@@ -157,7 +163,7 @@ class Checkpoints:
             try:
                 getattr(manager, method)()
             except Exception as e:  # noqa: BLE001 - orbax re-raises what its save threads met
-                raise JaxtuneError(self._failed(Path(manager.directory), self.pending.get(id(manager)),
+                raise JaxtuneError(self._failed(run_path(manager.directory), self.pending.get(id(manager)),
                                                 self._reason(e))) from None
 
     def _reason(self, error: BaseException) -> str:
@@ -236,7 +242,13 @@ class Checkpoints:
         target, n = target_root / str(step), 1
         while target.exists():
             target, n = target_root / f"{step}.{n}", n + 1
-        shutil.move(str(self.workdir / "checkpoints" / str(step)), target)
+        source = self.workdir / "checkpoints" / str(step)
+        if is_remote(source):  # objects under a prefix: copied and removed through epath, whose cached
+            for file in _files(source):  # listings orbax reads (gcsfs' own mv leaves them stale)
+                file.copy(target / file.relative_to(source))
+            source.rmtree()
+        else:
+            shutil.move(str(source), target)
         return target
 
     def restore_trainable(self, trainable, step: int | None = None, *, best: bool = False):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtune.atomic import write_file
+from jaxtune.paths import run_path
 from jaxtune.train.metrics import points, read_metrics
 
 FLAT = 0.02  # relative change below which a curve counts as flat
@@ -97,10 +99,10 @@ def plot(workdir: Path, metrics: list[dict] | None = None, vocab_size: int | Non
         lr_ax.plot([t[0] for t in lrs], [t[1] for t in lrs], color="tab:gray", alpha=0.5, label="lr")
         lr_ax.set_ylabel("learning rate")
     verdict = diagnose_metrics(metrics, vocab_size)
-    ax.set_title(f"{Path(workdir).name}: {verdict['diagnosis']}")
+    ax.set_title(f"{run_path(workdir).name}: {verdict['diagnosis']}")
     ax.legend(loc="upper right")
-    out = Path(workdir) / "curves.png"
+    out = run_path(workdir) / "curves.png"
     fig.tight_layout()
-    fig.savefig(out)
+    write_file(out, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
     return out

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import distributed, lora, sharding
 from jaxtune.atomic import write_text
+from jaxtune.paths import run_path
 from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
@@ -136,7 +137,7 @@ def setup_data(cfg) -> Data:
 def open_run_dir(cfg, data: Data) -> tuple[Checkpoints, dict]:
     """(checkpoints, identity): a workdir with checkpoints must hold this same run; checked before
     anything is written or loaded."""
-    workdir = Path(cfg.workdir)
+    workdir = run_path(cfg.workdir)
     identity = run_dir.identity(Path(data.model_dir), data.packed.train)
     checkpoints = Checkpoints(workdir, cfg.checkpoint.keep)
     if checkpoints.any():
@@ -231,7 +232,7 @@ def restore(cfg, checkpoints: Checkpoints, model: Model, opt: Optimizer) -> Loop
         return LoopState()
     model.trainable, opt.state, meta = restored
     opt.batches.state = meta["data_state"]
-    print(f"resumed from {Path(cfg.workdir) / 'checkpoints'} at step {meta['step']}")
+    print(f"resumed from {run_path(cfg.workdir) / 'checkpoints'} at step {meta['step']}")
     return LoopState(step=meta["step"], best=meta["best"], last_saved=meta["step"])
 
 
@@ -355,7 +356,7 @@ class Loop:
         self.checkpoints.wait()
         state = self.state
         what = f"loss is {self.loss}" if not math.isfinite(self.loss) else f"the parameters became {param_norm}"
-        kept = (f"The last good checkpoint (step {state.last_saved}) in {Path(self.cfg.workdir) / 'checkpoints'} is "
+        kept = (f"The last good checkpoint (step {state.last_saved}) in {run_path(self.cfg.workdir) / 'checkpoints'} is "
                 "kept" if state.last_saved is not None else "No checkpoint was saved before it")
         raise JaxtuneError(f"{what} at step {state.step}: training stopped. {kept}; lower train.lr or check the data")
 
@@ -380,7 +381,7 @@ class Loop:
         else:
             state.best["evals_since_best"] += 1
         if distributed.is_main():
-            curves.plot(Path(cfg.workdir), self.log.events, self.model.vocab_size)
+            curves.plot(run_path(cfg.workdir), self.log.events, self.model.vocab_size)
         patience = cfg.eval.early_stopping_patience
         if patience and state.best["evals_since_best"] >= patience:
             state.stop_reason = (f"early stopping: no better eval loss for {patience} evals "
@@ -397,7 +398,7 @@ class Loop:
 
 def finish(cfg, model: Model, data: Data, state: LoopState, log: MetricsLog) -> dict:
     """curves.png, summary.json (losses, best step, why it stopped, the diagnosis), and a reply."""
-    workdir = Path(cfg.workdir)
+    workdir = run_path(cfg.workdir)
     if distributed.is_main():
         curves.plot(workdir, log.events, model.vocab_size)
     train_points, eval_points = points(log.events, "loss"), points(log.events, "eval_loss")
@@ -423,7 +424,7 @@ def finish(cfg, model: Model, data: Data, state: LoopState, log: MetricsLog) -> 
 def train(cfg, *, progress=None) -> dict:
     """Run (or resume) the training described by a validated config; returns the summary.
     One training per workdir at a time: a second one is refused while this one holds the lock."""
-    workdir = Path(cfg.workdir)
+    workdir = run_path(cfg.workdir)
     with WorkdirLock(workdir, held=jax.process_index() == 0):  # hosts of one pod run share the workdir
         check_writable(workdir)
         data = setup_data(cfg)

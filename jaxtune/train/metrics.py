@@ -7,13 +7,14 @@ from pathlib import Path
 
 from jaxtune.atomic import write_text
 from jaxtune.errors import JaxtuneError
+from jaxtune.paths import is_remote, run_path
 
 
 class MetricsLog:
     def __init__(self, workdir: Path, resume_step: int | None, tensorboard: bool, *, writer: bool = True):
         """Keep the events up to the resumed step (none on a fresh start): the steps after it are redone.
         Every process keeps the events (the diagnosis reads them); only the `writer` (process 0) writes."""
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = run_path(workdir) / "metrics.jsonl"
         kept = [m for m in read_metrics(workdir) if resume_step is not None and m["step"] <= resume_step]
         self.writer = writer
         if writer:
@@ -23,14 +24,17 @@ class MetricsLog:
         if tensorboard and writer:
             from tensorboardX import SummaryWriter  # optional
 
-            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self.tb = SummaryWriter(str(run_path(workdir) / "tensorboard"))
 
     def write(self, event: dict):
         self.events.append(event)
         if not self.writer:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
+        if is_remote(self.path):  # an object cannot be appended to: upload the whole (small) log again
+            write_text(self.path, "".join(json.dumps(m) + "\n" for m in self.events))
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event) + "\n")
         if self.tb:
             for k, v in event.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -45,10 +49,10 @@ def points(events: list[dict], key: str) -> list[tuple[int, float]]:
 def read_metrics(workdir: Path) -> list[dict]:
     """The events of metrics.jsonl. An append-only log killed mid-write ends in a torn line: that
     last line is dropped with a warning; a damaged line elsewhere is an error naming file:line."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = run_path(workdir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    lines = path.read_text(errors="replace").splitlines()
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     events = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxtune.config import flatten
 from jaxtune.errors import JaxtuneError
+from jaxtune.paths import is_remote, run_path
 
 # Checkpoints cannot continue under another value of these: the trained arrays or the data stream differ.
 FIXED_KEYS = ("method", "seed", "model.param_dtype", "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
@@ -37,11 +38,12 @@ FINGERPRINT_BYTES = 1 << 20
 
 class WorkdirLock:
     """An exclusive `flock` on WORKDIR/.lock: the kernel releases it when the process dies, so a crashed
-    run never leaves it stuck, and a second training on the same workdir is refused at once."""
+    run never leaves it stuck, and a second training on the same workdir is refused at once.
+    A bucket has no such lock: there, one run per workdir is the user's (or babysit.sh's) rule."""
 
     def __init__(self, workdir: Path, *, held: bool = True):
         self.path = Path(workdir) / ".lock"
-        self.held = held
+        self.held = held and not is_remote(workdir)
         self.file = None
 
     def __enter__(self):
@@ -75,14 +77,15 @@ class WorkdirLock:
 
 def check_writable(workdir: Path) -> None:
     """Fail now, not after a model has loaded, when the workdir cannot take files."""
-    probe = Path(workdir) / f".write-test-{socket.gethostname()}-{os.getpid()}"  # hosts of a pod may share it
+    probe = run_path(workdir) / f".write-test-{socket.gethostname()}-{os.getpid()}"  # hosts of a pod may share it
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
-        raise JaxtuneError(f"workdir {workdir} is not writable ({e.strerror}); point workdir at a directory you can "
-                           "write to") from None
+    except Exception as e:  # noqa: BLE001 - OSError locally; gcsfs raises its own (no bucket, no permission)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise JaxtuneError(f"workdir {workdir} is not writable ({reason}); point workdir at a directory (or bucket) "
+                           "you can write to") from None
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -121,7 +124,7 @@ def identity(model_dir: Path, rows: dict[str, np.ndarray]) -> dict:
 def check_resume(workdir: Path, flat_cfg: dict, ident: dict, allow_changes: list[str]) -> None:
     """Compare this run with the one whose checkpoints are in `workdir`; raise one line on a change
     the checkpoints cannot follow. Called before anything is written."""
-    saved_file = Path(workdir) / "config.json"
+    saved_file = run_path(workdir) / "config.json"
     try:
         saved = json.loads(saved_file.read_text())
     except (OSError, ValueError):
