@@ -2,6 +2,10 @@
 LoRA (r=16, alpha=32, all linear layers), same data shape, in one command.
 
     python bench/train.py [--model DIR] [--batch 4] [--seq 512] [--steps 5] [--dtype float32] [--method qlora]
+                          [--remat none|dots|full] [--attention auto|xla|blocked|...]
+
+Each side also times its forward pass alone (the loss, no gradients) so that the backward's share
+of the step shows: jaxtune's eval step, peft's model under torch.no_grad().
 
 Each side runs in its own subprocess so that peak memory (ru_maxrss, i.e. host RSS on CPU; device
 peak bytes on GPU) is its own. MFU = model FLOPs per token x tokens/s / peak FLOP/s, where the peak
@@ -53,15 +57,19 @@ def run_jaxtune(args):
     import jax.numpy as jnp
     import optax
 
-    from jaxtune import from_pretrained, lora
+    from jaxtune import attention, from_pretrained, lora
+    from jaxtune.models.hf import config_from_hf, read_hf_config
     from jaxtune.train import optim
-    from jaxtune.train.step import make_train_step
+    from jaxtune.train.step import make_eval_step, make_train_step
 
     from jaxtune.models.llama import LINEAR_MODULES
     from jaxtune.quant import QuantOptions
 
     quantize = QuantOptions(LINEAR_MODULES) if args.method == "qlora" else None
-    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, quantize=quantize)
+    window = config_from_hf(read_hf_config(args.model)).sliding_window
+    backend, _ = attention.resolve(args.attention, args.seq, window)
+    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, attention=backend,
+                            quantize=quantize)
     lora.add_lora(model, rank=16, alpha=32, dropout=args.dropout, targets="all-linear")
     graphdef, trainable, frozen = lora.split_trainable(model, args.method)
     tx = optim.optimizer(optax.constant_schedule(1e-4), weight_decay=0.0, max_grad_norm=1.0, b1=0.9, b2=0.999,
@@ -80,9 +88,16 @@ def run_jaxtune(args):
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    peak = _peak_bytes(jax)  # before the forward-only timing below adds its own compile
+    forward = jax.jit(make_eval_step(graphdef, args.loss_chunk))
+    forward_times = []
+    for _ in range(args.steps + 1):
+        t = time.perf_counter()
+        jax.block_until_ready(forward(trainable, frozen, batch))
+        forward_times.append(time.perf_counter() - t)
     return {"step_s": statistics.median(times[1:]), "compile_and_first_step_s": times[0], "trainable": int(n_trainable),
-            "loss": float(metrics["loss_sum"] / metrics["tokens"]), "peak": _peak_bytes(jax),
-            "peak_flops": matmul_peak_flops(args.dtype)}
+            "loss": float(metrics["loss_sum"] / metrics["tokens"]), "peak": peak, "attention": backend,
+            "forward_s": statistics.median(forward_times[1:]), "peak_flops": matmul_peak_flops(args.dtype)}
 
 
 def run_peft(args):
@@ -111,7 +126,16 @@ def run_peft(args):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    forward_times = []
+    with torch.no_grad():
+        for _ in range(args.steps + 1):
+            t = time.perf_counter()
+            model(input_ids=tokens, labels=tokens)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            forward_times.append(time.perf_counter() - t)
     return {"step_s": statistics.median(times[1:]), "loss": float(loss), "peak": peak,
+            "forward_s": statistics.median(forward_times[1:]),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -128,6 +152,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
+    parser.add_argument("--attention", default="auto", help="jaxtune's model.attention (peft: transformers' sdpa)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"],
                         help="jaxtune's side: LoRA on the dense base, or on an NF4 base (peft's side stays LoRA)")
@@ -144,6 +169,7 @@ def main():
         return
     cfg = json.load(open(f"{args.model}/config.json"))
     result = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "remat": args.remat,
+              "attention": args.attention,
               "lora": "r=16 alpha=32 all-linear", "jaxtune_method": args.method, "dropout": args.dropout, "steps_timed": args.steps}
     argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--only") and sys.argv[i] != "--only"]
     for side in ["jaxtune", "peft"] if not args.only else [args.only]:
@@ -156,11 +182,14 @@ def main():
         result[f"{side}_tokens_per_s"] = round(tokens_per_s, 1)
         result[f"{side}_peak_bytes"] = r["peak"]
         result[f"{side}_trainable_params"] = r["trainable"]
+        result[f"{side}_step_s"] = round(r["step_s"], 3)
+        result[f"{side}_backward_over_forward"] = round((r["step_s"] - r["forward_s"]) / r["forward_s"], 2)
         if side == "jaxtune":
             flops = model_flops_per_token(cfg, args.seq, r["trainable"])
             result.update({"model_flops_per_token": flops, "matmul_peak_flops": round(r["peak_flops"]),
                            "jaxtune_mfu": round(flops * tokens_per_s / r["peak_flops"], 4),
-                           "jaxtune_compile_and_first_step_s": round(r["compile_and_first_step_s"], 1)})
+                           "jaxtune_compile_and_first_step_s": round(r["compile_and_first_step_s"], 1),
+                           "jaxtune_attention": r["attention"]})
     if not args.only:
         result["speed_ratio_jaxtune_over_peft"] = round(result["jaxtune_tokens_per_s"] / result["peft_tokens_per_s"], 3)
         result["memory_ratio_jaxtune_over_peft"] = round(result["jaxtune_peak_bytes"] / result["peft_peak_bytes"], 3)

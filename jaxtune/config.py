@@ -18,6 +18,7 @@ import ml_collections
 
 from jaxtune.data.formats import FORMATS, OVERLONG
 from jaxtune.errors import JaxtuneError
+from jaxtune.attention import BACKENDS as ATTENTION_BACKENDS
 from jaxtune.models.llama import DTYPES, LINEAR_MODULES, REMAT_POLICIES
 
 
@@ -103,6 +104,9 @@ SCHEMA = [
     ("model.dtype", "float32", "compute dtype", DTYPE),
     ("model.param_dtype", "float32", "storage dtype of the (frozen) weights", DTYPE),
     ("model.remat", "none", "activation recomputation per layer", one_of(*REMAT_POLICIES)),
+    ("model.attention", "auto", "attention backend: 'auto' (the best this platform runs; the run log says which), "
+                                "'xla' (einsum, any platform), 'blocked' (skips masked blocks), 'cudnn' or 'pallas' "
+                                "(GPU), 'splash' (TPU)", one_of(*ATTENTION_BACKENDS)),
     ("model.verify", False, "before training, check jaxtune's logits against transformers on this model (needs torch)",
      FLAG),
     ("lora.rank", 16, "LoRA rank r", integer(1)),

@@ -229,7 +229,8 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
     def forward_and_vjp(x, trainable, frozen, rng, positions, mask):
         def body(x, trainable):
             layer = nnx.merge(graphdef, trainable, frozen)
-            return layer(x, mcfg, positions, mask, inv_freq, rng=rng if dropout else None)[0]
+            segments = positions  # shape only: with "xla" attention the mask below is what is read
+            return layer(x, mcfg, positions, segments, mask, inv_freq, rng=rng if dropout else None)[0]
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

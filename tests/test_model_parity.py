@@ -18,11 +18,15 @@ VARIANTS = {
 }
 
 
+ATTENTION_ON_CPU = ["xla", "blocked"]  # the backends that run on CPU (the kernels: tests/test_attention.py)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_ON_CPU)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_llama_variants_match_transformers(tmp_path, name):
+def test_llama_variants_match_transformers(tmp_path, name, attention):
     path, ref = make_hf_model(tmp_path, "llama", **VARIANTS[name])
     tokens = np.random.RandomState(1).randint(0, 256, (2, 96))
-    err = rel_err(from_pretrained(path)(tokens), torch_logits(ref, tokens))
+    err = rel_err(from_pretrained(path, attention=attention)(tokens), torch_logits(ref, tokens))
     assert err < 1e-5, f"{name}: relative error {err:.2e}"
 
 
@@ -34,9 +38,10 @@ def test_llama3_scaling_changes_the_model(tmp_path):
     assert rel_err(from_pretrained(scaled)(tokens), from_pretrained(plain)(tokens)) > 1e-3
 
 
-def test_mistral_sliding_window_longer_sequence(tmp_path):
+@pytest.mark.parametrize("attention", ATTENTION_ON_CPU)
+def test_mistral_sliding_window_longer_sequence(tmp_path, attention):
     path, ref = make_hf_model(tmp_path, "mistral", num_key_value_heads=2, sliding_window=16)
-    model = from_pretrained(path)
+    model = from_pretrained(path, attention=attention)
     assert model.cfg.sliding_window == 16
     tokens = np.random.RandomState(2).randint(0, 256, (2, 80))
     err = rel_err(model(tokens), torch_logits(ref, tokens))
@@ -70,10 +75,11 @@ def test_padded_batch_right_and_left(tmp_path):
         assert rel_err(ours[row, -n:], alone[0]) < 1e-5
 
 
-def test_packed_segments_do_not_attend_across(tmp_path):
+@pytest.mark.parametrize("attention", ATTENTION_ON_CPU)
+def test_packed_segments_do_not_attend_across(tmp_path, attention):
     """Two documents packed into one row give the same logits as each alone (positions restart)."""
     path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
-    model = from_pretrained(path)
+    model = from_pretrained(path, attention=attention)
     rs = np.random.RandomState(4)
     a, b = rs.randint(0, 256, 30), rs.randint(0, 256, 20)
     packed = np.concatenate([a, b])[None]

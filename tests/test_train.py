@@ -34,14 +34,14 @@ def rows_with_uneven_supervision(seq_len=32, n=4, seed=0):
             "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(seq_len, dtype=np.int32), (n, 1))}
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_accumulation_equals_one_big_batch(tmp_path, method):
+@pytest.mark.parametrize("method, attention", [("lora", "xla"), ("full", "xla"), ("lora", "blocked")])
+def test_accumulation_equals_one_big_batch(tmp_path, method, attention):
     path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
     batch = rows_with_uneven_supervision()
     total = batch["weights"].sum()
 
     def one_update(k):
-        model = from_pretrained(path)
+        model = from_pretrained(path, attention=attention)
         if method == "lora":
             lora.add_lora(model, rank=4, alpha=8, dropout=0.0, seed=1)
             for name in lora.LINEAR_MODULES:  # non-zero B so both factors get gradients
@@ -116,9 +116,10 @@ def test_no_decay_on_norms_and_biases():
 
 # --- the loop -------------------------------------------------------------------------------------
 
-def test_resume_is_exact_and_sigterm_checkpoints(tiny_dir, chat_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["auto", "blocked"])  # auto is "xla" at T=128 on CPU
+def test_resume_is_exact_and_sigterm_checkpoints(tiny_dir, chat_data, tmp_path, monkeypatch, attention):
     straight = tmp_path / "straight"
-    train(run_config(tiny_dir, chat_data, straight))
+    train(run_config(tiny_dir, chat_data, straight, **{"model.attention": attention}))
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["steps"] == 6 and (straight / "curves.png").stat().st_size > 10_000
 
@@ -131,11 +132,11 @@ def test_resume_is_exact_and_sigterm_checkpoints(tiny_dir, chat_data, tmp_path, 
         return real_next(self)
 
     monkeypatch.setattr(loader.Batches, "next_step", next_step_then_sigterm)
-    first = train(run_config(tiny_dir, chat_data, resumed))
+    first = train(run_config(tiny_dir, chat_data, resumed, **{"model.attention": attention}))
     assert first["steps"] == 5 and "SIGTERM received: checkpoint saved at step 5" in first["stopped"]
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())[-1] == 5
     monkeypatch.setattr(loader.Batches, "next_step", real_next)
-    train(run_config(tiny_dir, chat_data, resumed))  # the same command again: resumes at step 5
+    train(run_config(tiny_dir, chat_data, resumed, **{"model.attention": attention}))  # the same command again: resumes at step 5
     assert losses(resumed) == losses(straight)  # bitwise, train and eval
 
 

@@ -75,7 +75,8 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise JaxtuneError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def config_from_hf(hf: dict, *, dtype="float32", param_dtype="float32", remat="none", source="config.json") -> ModelConfig:
+def config_from_hf(hf: dict, *, dtype="float32", param_dtype="float32", remat="none", attention="xla",
+                   source="config.json") -> ModelConfig:
     """ModelConfig from a config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -117,6 +118,7 @@ def config_from_hf(hf: dict, *, dtype="float32", param_dtype="float32", remat="n
         dtype=dtype,
         param_dtype=param_dtype,
         remat=remat,
+        attention=attention,
     )
 
 
@@ -318,16 +320,17 @@ def _nf4_kernel(tensors: SafetensorsIndex, var_path: tuple, axes: tuple, shape: 
     return kernel
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None, remat="none",
+def from_pretrained(path: str | os.PathLike, *, dtype="float32", param_dtype=None, remat="none", attention="xla",
                     mesh: Mesh | None = None, quantize: quant.QuantOptions | None = None) -> Llama:
     """Load an HF Llama/Mistral directory as a jaxtune model, sharded onto `mesh` if given.
 
-    `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the storage dtype; `quantize`
-    turns the kernels of its modules into frozen NF4 (QLoRA).
+    `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the storage dtype; `attention` a
+    resolved backend of jaxtune.attention; `quantize` turns the kernels of its modules into frozen
+    NF4 (QLoRA).
     """
     path = resolve_model_path(path)
     hf = read_hf_config(path)
-    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat, attention=attention,
                          source=str(path / "config.json"))
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), source_path=str(path)))
     return load_params(abstract, path, mesh, quantize)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import quant, sharding, vocab_parallel
+from jaxtune import attention, quant, sharding, vocab_parallel
 
 # The linear projections of a layer, named as HF names the modules (LoRA targets, PEFT files and the
 # HF tensor names in `jaxtune.models.hf` all use these), in the attention / MLP groups HF nests them in.
@@ -60,8 +60,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (DTYPES lists the supported ones)
     param_dtype: str = "float32"  # storage dtype
     remat: str = "none"  # a key of REMAT_POLICIES
+    attention: str = "xla"  # the resolved backend of jaxtune.attention (never "auto")
 
     def __post_init__(self):
+        if self.attention not in attention.BACKENDS or self.attention == "auto":
+            raise ValueError(f"attention must be a resolved backend of {attention.BACKENDS[1:]}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         if self.rope_type not in ROPE_TYPES:
@@ -96,33 +99,6 @@ def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray)
     half = x_bthd.shape[-1] // 2
     rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
     return x_bthd * cos + rotated * sin
-
-
-def attention_mask(q_pos, q_seg, kv_pos, kv_seg, window: int | None) -> jax.Array:
-    """[B, T, S] boolean: same non-zero segment, causal by position, inside the sliding window.
-
-    q_* are the queries' positions and segment ids [B, T], kv_* those of the keys/values [B, S].
-    Segment 0 marks padding (and empty cache slots). Causality by position rather than by index
-    serves packed rows (positions restart per document) and the KV cache alike.
-    """
-    same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
-    mask = same & causal
-    if window is not None:
-        mask &= q_pos[:, :, None] - kv_pos[:, None, :] < window
-    return mask
-
-
-def attention(q_bthd, keys_bskd, values_bskd, mask_bts) -> jax.Array:
-    """Grouped-query attention: query head h reads key/value head h // G, G = H / K."""
-    b, t, h, d = q_bthd.shape
-    kv_heads = keys_bskd.shape[2]
-    q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q_btkgd, keys_bskd, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bts[:, None, None], scores * d**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values_bskd.dtype)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, values_bskd)
-    return out.reshape(b, t, h * d)
 
 
 def rms_norm(x, weight, eps):
@@ -235,10 +211,12 @@ class LayerStack(nnx.Module):
         self.up_proj = linear(d, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias)
         self.down_proj = linear(cfg.intermediate_size, d, ("mlp", "embed"), cfg.mlp_bias)
 
-    def __call__(self, x_btd, cfg: ModelConfig, positions, mask, inv_freq, kv=None, cache_index=None, rng=None):
+    def __call__(self, x_btd, cfg: ModelConfig, positions, segments, mask, inv_freq, kv=None, cache_index=None,
+                 rng=None):
         """One layer: returns (x, (keys, values)). With `kv` (this layer's cache) the new keys/values
-        are written at `cache_index` and attention reads the whole cache. `rng` (training only)
-        drives LoRA dropout, one key per linear module."""
+        are written at `cache_index` and attention reads the whole cache through `mask`; without, it
+        is self-attention by cfg.attention (`mask` is given for "xla"). `rng` (training only) drives
+        LoRA dropout, one key per linear module."""
         b, t, _ = x_btd.shape
         drop = dict.fromkeys(LINEAR_MODULES) if rng is None else dict(
             zip(LINEAR_MODULES, jax.random.split(rng, len(LINEAR_MODULES))))
@@ -250,7 +228,10 @@ class LayerStack(nnx.Module):
         if kv is not None:
             keys = jax.lax.dynamic_update_slice_in_dim(kv[0], keys.astype(kv[0].dtype), cache_index, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(kv[1], values.astype(kv[1].dtype), cache_index, axis=1)
-        attended = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        if kv is None:
+            attended = attention.attend(cfg.attention, q, keys, values, positions, segments, cfg.sliding_window, mask)
+        else:
+            attended = attention.masked(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
         x_btd = x_btd + self.o_proj(attended, drop["o_proj"])
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"))
         h = rms_norm(x_btd, self.mlp_norm[...], cfg.rms_norm_eps)
@@ -314,13 +295,14 @@ class Llama(nnx.Module):
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         x = vocab_parallel.embed(self.embed[...], tokens_bt).astype(jnp.dtype(cfg.dtype))
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
-        if cache is None:
-            mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, cfg.sliding_window)
+        if cache is None:  # "xla" builds the mask once here, outside the layer scan; the others need none
+            mask = (attention.mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, cfg.sliding_window)
+                    if cfg.attention == "xla" else None)
             kv_layers = None
         else:
             kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions_bt, cache.index, axis=1)
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segment_ids_bt, cache.index, axis=1)
-            mask = attention_mask(positions_bt, segment_ids_bt, kv_pos, kv_seg, cfg.sliding_window)
+            mask = attention.mask(positions_bt, segment_ids_bt, kv_pos, kv_seg, cfg.sliding_window)
             kv_layers = (cache.keys, cache.values)
         inv_freq = rope_inv_freq(cfg)
         graphdef, layer_state = nnx.split(self.layers)
@@ -329,7 +311,8 @@ class Llama(nnx.Module):
         def body(x, scanned):
             state, kv, layer_rng = scanned
             layer = nnx.merge(graphdef, state)  # one layer's slice of the stack
-            x, new_kv = layer(x, cfg, positions_bt, mask, inv_freq, kv, None if cache is None else cache.index, layer_rng)
+            x, new_kv = layer(x, cfg, positions_bt, segment_ids_bt, mask, inv_freq, kv,
+                              None if cache is None else cache.index, layer_rng)
             return x, (new_kv if cache is not None else None)
 
         if cfg.remat != "none":

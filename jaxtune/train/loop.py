@@ -30,15 +30,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune import distributed, lora, sharding
+from jaxtune import attention, distributed, lora, sharding
 from jaxtune.atomic import write_text
-from jaxtune.paths import run_path
 from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
 from jaxtune.estimate import check_fits
-from jaxtune.models.hf import from_pretrained, load_tokenizer, resolve_model_path
+from jaxtune.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config, resolve_model_path
+from jaxtune.paths import run_path
 from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
 from jaxtune.train.metrics import MetricsLog, points
@@ -153,12 +153,15 @@ def setup_model(cfg, model_dir: str) -> Model:
         raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
                            f"mesh data x fsdp = {batch_ways}")
     check_fits(cfg, model_dir)
+    window = config_from_hf(read_hf_config(model_dir)).sliding_window
+    backend, why = attention.resolve(cfg.model.attention, cfg.data.seq_len, window)
+    print(f"attention: {why}")
     if cfg.model.verify:
         from jaxtune.export import verify_model
 
         verify_model(model_dir)
     model = from_pretrained(model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, mesh=mesh, quantize=lora.quant_options(cfg))
+                            remat=cfg.model.remat, attention=backend, mesh=mesh, quantize=lora.quant_options(cfg))
     lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))

@@ -1,0 +1,168 @@
+"""Causal self-attention over packed rows, behind one function with several backends.
+
+`model.attention` picks one: "xla" (the einsum reference: any backend, materialises the B x H x T x T
+scores), "blocked" (pure JAX: query blocks against only the key blocks they can see, each block
+rematerialised in the backward, so about half the work and a T/block-times smaller peak), "cudnn"
+(`jax.nn.dot_product_attention(implementation="cudnn")`, GPU), "pallas" (the Pallas flash kernel
+with segment ids, `jax.experimental.pallas.ops.gpu.attention`, GPU) and "splash" (splash attention
+with segment ids, `jax.experimental.pallas.ops.tpu.splash_attention`, TPU); "auto" picks the best the
+platform runs.
+
+Every backend computes the same thing: a query attends to the keys of its own document (same
+non-zero segment id) at or before it, within the sliding window when the model has one; query head
+h reads key/value head h // (H / K) (grouped-query attention). Rows are packed with documents
+contiguous, so "before" by index equals "before" by position here. Padding (segment 0) attends to
+nothing in "xla"/"blocked" and to other padding in the kernels: its outputs differ and carry no loss.
+The KV-cache path of generation always uses "xla" with an explicit mask.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.errors import JaxtuneError
+
+BACKENDS = ("auto", "xla", "blocked", "cudnn", "pallas", "splash")
+PLATFORMS = {"xla": None, "blocked": None, "cudnn": ("gpu",), "pallas": ("gpu",), "splash": ("tpu",)}
+BLOCKED_BLOCK = 512
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def resolve(name: str, seq_len: int, window: int | None, platform: str | None = None) -> tuple[str, str]:
+    """(backend, why) for `model.attention = name` on this platform; an explicit choice the platform
+    cannot run is an error naming the key, "auto" never fails."""
+    platform = platform or jax.default_backend()
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    if name not in BACKENDS:
+        raise JaxtuneError(f"model.attention must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        if platform == "tpu" and seq_len % 128 == 0:
+            return "splash", "auto: splash attention on TPU"
+        if platform == "gpu":
+            if window is None and seq_len % 64 == 0:
+                return "pallas", "auto: Pallas flash attention with segment ids on GPU"
+            return "cudnn", "auto: cuDNN flash attention on GPU (sliding window)"
+        if seq_len >= 2 * BLOCKED_BLOCK and seq_len % BLOCKED_BLOCK == 0:  # measured faster from here
+            return "blocked", f"auto: blocked causal attention ({BLOCKED_BLOCK}-token blocks) on {platform}"
+        return "xla", f"auto: XLA einsum attention on {platform}"
+    allowed = PLATFORMS[name]
+    if allowed is not None and platform not in allowed:
+        raise JaxtuneError(f"model.attention={name!r} runs on {'/'.join(allowed)}, not {platform}; use 'auto' "
+                         "(or 'xla', which runs anywhere)")
+    return name, f"{name} (model.attention)"
+
+
+def mask(q_pos, q_seg, kv_pos, kv_seg, window: int | None) -> jax.Array:
+    """[B, T, S] boolean: same non-zero segment, causal by position, inside the sliding window.
+
+    q_* are the queries' positions and segment ids [B, T], kv_* those of the keys/values [B, S].
+    Segment 0 marks padding (and empty cache slots). Causality by position rather than by index
+    serves packed rows (positions restart per document) and the KV cache alike.
+    """
+    same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
+    allowed = same & causal
+    if window is not None:
+        allowed &= q_pos[:, :, None] - kv_pos[:, None, :] < window
+    return allowed
+
+
+def masked(q_bthd, keys_bskd, values_bskd, mask_bts) -> jax.Array:
+    """The einsum reference with an explicit [B, T, S] mask; returns [B, T, H * D]."""
+    b, t, h, d = q_bthd.shape
+    kv_heads = keys_bskd.shape[2]
+    q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q_btkgd, keys_bskd, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bts[:, None, None], scores * d**-0.5, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values_bskd.dtype)
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, values_bskd)
+    return out.reshape(b, t, h * d)
+
+
+def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window: int | None,
+           mask_btt=None) -> jax.Array:
+    """Self-attention of a packed row with the resolved `backend`; returns [B, T, H * D].
+    `mask_btt` (xla only) is the mask built once outside the layer scan."""
+    if backend == "xla":
+        if mask_btt is None:
+            mask_btt = mask(positions_bt, segments_bt, positions_bt, segments_bt, window)
+        return masked(q_bthd, keys_btkd, values_btkd, mask_btt)
+    impl = {"blocked": _blocked, "cudnn": _cudnn, "pallas": _pallas_gpu, "splash": _splash}[backend]
+    b, t, h, d = q_bthd.shape
+    return impl(q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window).reshape(b, t, h * d)
+
+
+def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
+    """Query block i against key blocks lo..i only (the rest is masked anyway); each query block is a
+    `jax.checkpoint`, so the backward keeps one block's scores at a time, not all T x T. Rows shorter
+    than two blocks use blocks of T/2."""
+    t = q.shape[1]
+    block = min(block, t // 2)
+    if block < 16 or t % block:
+        return masked(q, k, v, mask(positions, segments, positions, segments, window))
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one_block(q_i, k_i, v_i, qpos, qseg, kpos, kseg):
+        return masked(q_i, k_i, v_i, mask(qpos, qseg, kpos, kseg, window))
+
+    outs = []
+    for i in range(t // block):
+        lo = 0 if window is None else max(0, (i * block - window + 1) // block)
+        qs, ks = slice(i * block, (i + 1) * block), slice(lo * block, (i + 1) * block)
+        outs.append(one_block(q[:, qs], k[:, ks], v[:, ks], positions[:, qs], segments[:, qs], positions[:, ks],
+                              segments[:, ks]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _cudnn(q, k, v, positions, segments, window, implementation="cudnn"):
+    """cuDNN's fused attention: causal + sliding window natively, documents by a [B, 1, T, T] mask
+    (grouped-query heads natively too). `implementation` is a parameter so CPU tests can run the same
+    call through XLA."""
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True,
+                                        local_window_size=None if window is None else (window - 1, 0),
+                                        implementation=implementation)
+
+
+def _repeat_kv(q, k, v):
+    groups = q.shape[2] // k.shape[2]
+    return jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+
+
+def _pallas_gpu(q, k, v, positions, segments, window, interpret: bool = False):
+    """The Pallas (Triton) flash kernel of jax.experimental: causal by index, documents by segment ids.
+    It has no sliding window (`resolve` sends those to cuDNN) and one head count for q, k, v."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    if window is not None:
+        raise ValueError("model.attention='pallas' has no sliding window; use 'cudnn' or 'auto'")
+    k, v = _repeat_kv(q, k, v)
+    t = q.shape[1]
+    block = gpu_attention.BlockSizes(block_q=min(64, t), block_k=min(64, t), block_q_dkv=min(32, t),
+                                     block_kv_dkv=min(32, t), block_q_dq=min(32, t), block_kv_dq=min(32, t))
+    return gpu_attention.mha(q, k, v, segments, sm_scale=q.shape[-1] ** -0.5, causal=True, block_sizes=block,
+                             interpret=interpret)
+
+
+def _splash(q, k, v, positions, segments, window, interpret: bool = False):
+    """TPU splash attention, one kernel per example (vmapped over the batch): a causal (or local,
+    for a sliding window) mask whose fully masked blocks are skipped, documents by segment ids."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, h, d = q.shape
+    k, v = _repeat_kv(q, k, v)
+    shape = (t, t)
+    head_mask = masks.CausalMask(shape) if window is None else masks.LocalMask(shape, (window - 1, 0), offset=0)
+    block = min(512, t // 2) if t >= 256 else t  # splash tiles are multiples of 128
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * h), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    scale = d**-0.5
+    to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [B, T, H, D] -> [B, H, T, D]
+    out = jax.vmap(lambda qi, ki, vi, si: kernel(qi, ki, vi, segment_ids=splash.SegmentIds(si, si)))(
+        to_heads(q * scale), to_heads(k), to_heads(v), segments)
+    return jnp.swapaxes(out, 1, 2)

@@ -1,0 +1,93 @@
+"""Every attention backend against the einsum reference, forward and gradients, on packed rows with
+padding, grouped-query heads and (where the backend has one) a sliding window. The GPU and TPU
+kernels run here in Pallas' interpret mode; cuDNN's call runs through XLA (same arguments)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import attention
+from jaxtune.errors import JaxtuneError
+
+B, T, H, K, D = 2, 256, 4, 2, 32
+BACKENDS = {
+    "blocked": functools.partial(attention._blocked, block=64),
+    "cudnn": functools.partial(attention._cudnn, implementation="xla"),
+    "pallas": functools.partial(attention._pallas_gpu, interpret=True),
+    "splash": functools.partial(attention._splash, interpret=True),
+}
+
+
+def packed_rows():
+    """Row 0: three documents and 16 padding tokens; row 1: one document filling the row."""
+    segments, positions = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+    for b, lengths in enumerate([[100, 90, 50], [T]]):
+        start = 0
+        for i, n in enumerate(lengths):
+            segments[b, start:start + n], positions[b, start:start + n] = i + 1, np.arange(n)
+            start += n
+    return jnp.asarray(positions), jnp.asarray(segments)
+
+
+def qkv(seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((B, T, H, D), (B, T, K, D), (B, T, K, D))]
+
+
+def loss_and_grads(fn, q, k, v, positions, segments, window, cotangent):
+    """Σ out · cotangent over real (non-padding) tokens, and its gradients in q, k, v."""
+    real = (segments != 0)[..., None]
+
+    def loss(q, k, v):
+        out = fn(q, k, v, positions, segments, window).reshape(B, T, H * D)
+        return jnp.sum(jnp.where(real, out * cotangent, 0.0)), out
+
+    (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return jnp.where(real, out, 0.0), value, grads
+
+
+def reference(q, k, v, positions, segments, window):
+    return attention.masked(q, k, v, attention.mask(positions, segments, positions, segments, window))
+
+
+@pytest.mark.parametrize("window", [None, 70])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_matches_the_einsum_reference(backend, window):
+    if backend == "pallas" and window is not None:
+        with pytest.raises(ValueError, match="no sliding window"):
+            BACKENDS[backend](*qkv(), *packed_rows(), window)
+        return
+    q, k, v = qkv()
+    positions, segments = packed_rows()
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, H * D)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        out, value, grads = loss_and_grads(BACKENDS[backend], q, k, v, positions, segments, window, cotangent)
+        ref_out, ref_value, ref_grads = loss_and_grads(reference, q, k, v, positions, segments, window, cotangent)
+    assert float(jnp.max(jnp.abs(out - ref_out))) < 1e-5
+    for name, g, r in zip("qkv", grads, ref_grads):
+        err = float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
+        assert err < 1e-5, (name, err)
+
+
+def test_the_window_and_the_documents_really_mask():
+    """The reference itself: a token never sees another document, padding or beyond the window."""
+    positions, segments = packed_rows()
+    m = np.asarray(attention.mask(positions, segments, positions, segments, 70))
+    assert not m[0, 100, 99] and m[0, 100, 100]  # the second document starts at 100
+    assert m[1, 200, 131] and not m[1, 200, 130]  # 70 tokens back, not 71
+    assert not m[0, 250].any()  # padding attends to nothing
+
+
+def test_auto_picks_per_platform_and_explicit_choices_are_checked():
+    assert attention.resolve("auto", 4096, None, "tpu")[0] == "splash"
+    assert attention.resolve("auto", 4096, None, "cuda")[0] == "pallas"
+    assert attention.resolve("auto", 4096, 4096, "gpu")[0] == "cudnn"  # Mistral's window: not in the Pallas kernel
+    assert attention.resolve("auto", 2048, None, "cpu")[0] == "blocked"
+    assert attention.resolve("auto", 512, None, "cpu")[0] == "xla"
+    assert attention.resolve("xla", 512, None, "tpu") == ("xla", "xla (model.attention)")
+    with pytest.raises(JaxtuneError, match="model.attention='splash' runs on tpu, not cpu; use 'auto'"):
+        attention.resolve("splash", 512, None, "cpu")
+    with pytest.raises(JaxtuneError, match="must be one of"):
+        attention.resolve("flash", 512, None, "cpu")
