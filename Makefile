@@ -25,7 +25,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/jaxtune assets smollm2 chitchat
 	$(VENV)/bin/jaxtune train configs/quickstart.py
 
+# Two workers (pytest-xdist): XLA compiles on one core, so two test processes keep both busy.
 test: $(VENV)/.installed $(SKY)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 .PHONY: install demo test

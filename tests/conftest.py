@@ -126,6 +126,16 @@ def jaxtune_cli(*args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
+# The longest tests (minutes each) start first, so that `pytest -n 2` (make test) does not end on one
+# of them running alone.
+LONG_FIRST = ("test_multihost.py", "test_reliability.py", "test_qlora.py", "test_gcs.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

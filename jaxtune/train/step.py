@@ -3,7 +3,9 @@
 The loss is the sum of token losses over the whole accumulation group divided by its number of
 supervised tokens (`supervised_per_micro_step` is that count / k: MultiSteps averages the k micro-gradients),
 so k micro-batches with uneven token counts equal one big batch. Logits are computed in float32 one
-sequence chunk at a time under `jax.checkpoint`, so B x T x vocab float32 logits never exist at once.
+sequence chunk at a time, so B x T x vocab float32 logits never exist at once. On one device the
+chunk's gradient is computed in the forward pass, while its logits exist (`fused_cross_entropy`);
+with a mesh the chunk is a `jax.checkpoint` and its logits are recomputed in the backward.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune import vocab_parallel
+from jaxtune import sharding, vocab_parallel
 from jaxtune.models.llama import Llama
 
 
@@ -37,9 +39,67 @@ def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
         return total + vocab_parallel.cross_entropy_sum(h, unembed, targets, weights), None
 
     weights = batch["weights"].astype(jnp.float32)
+    if sharding.active_mesh() is None:
+        return fused_cross_entropy(split(hidden), unembed, split(batch["targets"]), split(weights)), jnp.sum(weights)
     total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),
                             (split(hidden), split(batch["targets"]), split(weights)))
     return total, jnp.sum(weights)
+
+
+def _chunk_logits(h, unembed):
+    return jnp.einsum("BCD,DV->BCV", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def fused_cross_entropy(hidden_nbcd, unembed, targets_nbc, weights_nbc):
+    """Σ weights · (logsumexp(h @ unembed) − logit[target]) over chunks [N, B, C, ...] in float32.
+
+    Its gradient is computed in the forward pass, chunk by chunk, while each chunk's logits exist:
+    d logits = (softmax − onehot(target)) · weight, then d hidden = d logits @ unembedᵀ (kept, [N, B, C, D]
+    like the hidden states) and d unembed = Σ hiddenᵀ @ d logits (accumulated, only when the unembedding
+    trains). The backward only scales them: the logits are never recomputed (Liger's fused linear
+    cross-entropy). The value alone (eval) is the plain chunked loss."""
+    def body(total, xs):
+        h, targets, weights = xs
+        logits = _chunk_logits(h, unembed)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weights), None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_nbcd, targets_nbc, weights_nbc))[0]
+
+
+def _fused_forward(hidden, unembed, targets, weights):
+    unembed_trains = unembed.perturbed
+    hidden, unembed, targets, weights = hidden.value, unembed.value, targets.value, weights.value
+
+    def body(carry, xs):
+        total, d_unembed = carry
+        h, t, w = xs
+        logits = _chunk_logits(h, unembed)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        onehot = jnp.arange(logits.shape[-1]) == t[..., None]
+        d_logits = (jnp.exp(logits - lse[..., None]) - onehot) * w[..., None]
+        d_h = jnp.einsum("BCV,DV->BCD", d_logits.astype(h.dtype), unembed.astype(h.dtype),
+                         preferred_element_type=jnp.float32).astype(h.dtype)
+        if unembed_trains:
+            d_unembed = d_unembed + jnp.einsum("BCD,BCV->DV", h, d_logits.astype(h.dtype),
+                                               preferred_element_type=jnp.float32)
+        return (total + jnp.sum((lse - picked) * w), d_unembed), d_h
+
+    d_unembed = jnp.zeros(unembed.shape, jnp.float32) if unembed_trains else None
+    (total, d_unembed), d_hidden = jax.lax.scan(body, (jnp.zeros((), jnp.float32), d_unembed),
+                                                (hidden, targets, weights))
+    return total, (d_hidden, None if d_unembed is None else d_unembed.astype(unembed.dtype))
+
+
+def _fused_backward(residuals, g):
+    d_hidden, d_unembed = residuals
+    return g.astype(d_hidden.dtype) * d_hidden, None if d_unembed is None else g.astype(d_unembed.dtype) * d_unembed, \
+        None, None
+
+
+fused_cross_entropy.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
 
 
 def accumulated_grad_norm(grads, opt_state: optax.MultiStepsState):
