@@ -43,7 +43,8 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
         if platform == "gpu":
             if window is None and seq_len % 64 == 0:
                 return "pallas", "auto: Pallas flash attention with segment ids on GPU"
-            return "cudnn", "auto: cuDNN flash attention on GPU (sliding window)"
+            why = "sliding window" if window is not None else f"T={seq_len} is not a multiple of 64"
+            return "cudnn", f"auto: cuDNN flash attention on GPU ({why}: not in the Pallas kernel)"
         block = min(BLOCKED_BLOCK, seq_len // 2)
         if seq_len >= 512 and seq_len % block == 0:  # as fast at T=512 (less memory), 2.2x at 2048: bench/train.py
             return "blocked", f"auto: blocked causal attention ({block}-token blocks) on {platform}"
@@ -51,7 +52,7 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
     allowed = PLATFORMS[name]
     if allowed is not None and platform not in allowed:
         raise JaxtuneError(f"model.attention={name!r} runs on {'/'.join(allowed)}, not {platform}; use 'auto' "
-                         "(or 'xla', which runs anywhere)")
+                           "(or 'xla', which runs anywhere)")
     return name, f"{name} (model.attention)"
 
 

@@ -62,7 +62,8 @@ def _manager(directory: Path, keep: int | None, read_only: bool) -> ocp.Checkpoi
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=not read_only,
                                            create=not read_only, read_only=read_only,
                                            cleanup_tmp_directories=not read_only)  # partial saves of a killed run
-    return ocp.CheckpointManager(directory if is_remote(directory) else directory.absolute(), options=options, item_names=("trainable", "opt_state", "meta"))
+    directory = directory if is_remote(directory) else directory.absolute()
+    return ocp.CheckpointManager(directory, options=options, item_names=("trainable", "opt_state", "meta"))
 
 
 def abstract_like(tree):
