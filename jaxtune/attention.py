@@ -72,15 +72,22 @@ def mask(q_pos, q_seg, kv_pos, kv_seg, window: int | None) -> jax.Array:
 
 
 def masked(q_bthd, keys_bskd, values_bskd, mask_bts) -> jax.Array:
-    """The einsum reference with an explicit [B, T, S] mask; returns [B, T, H * D]."""
+    """The einsum reference with an explicit [B, T, S] mask; returns [B, T, H * D].
+
+    Queries, keys and values are transposed once to [B, K, G·T, D] / [B, K, S, D] (small: T×H×D),
+    so both products are plain batched matmuls; written as "BTKGD,BSKD->BKGTS" XLA:CPU copies the
+    T×S scores to another layout instead, forward and backward (1.6x slower). The scale goes on the
+    queries (T×D elements) rather than on the scores (T×S)."""
     b, t, h, d = q_bthd.shape
     kv_heads = keys_bskd.shape[2]
-    q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q_btkgd, keys_bskd, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bts[:, None, None], scores * d**-0.5, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values_bskd.dtype)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, values_bskd)
-    return out.reshape(b, t, h * d)
+    g = h // kv_heads
+    q = (q_bthd * d**-0.5).reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    keys, values = keys_bskd.transpose(0, 2, 1, 3), values_bskd.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("BKMD,BKSD->BKMS", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bts[:, None, None], scores.reshape(b, kv_heads, g, t, -1), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kv_heads, g * t, -1)
+    out = jnp.einsum("BKMS,BKSD->BKMD", probs, values).reshape(b, kv_heads, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
 def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window: int | None,
@@ -96,13 +103,31 @@ def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_
     return impl(q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window).reshape(b, t, h * d)
 
 
-def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
-    """Query block i against key blocks lo..i only (the rest is masked anyway); each query block is a
-    `jax.checkpoint`, so the backward keeps one block's scores at a time, not all T x T. Rows shorter
-    than two blocks use blocks of T/2."""
-    t = q.shape[1]
+def _blocks(t: int, window: int | None, block: int = BLOCKED_BLOCK) -> list[tuple[slice, slice]] | None:
+    """(query slice, key slice) per query block of the blocked attention; None when T does not split."""
     block = min(block, t // 2)
     if block < 16 or t % block:
+        return None
+    spans = []
+    for i in range(t // block):
+        lo = 0 if window is None else max(0, (i * block - window + 1) // block)
+        spans.append((slice(i * block, (i + 1) * block), slice(lo * block, (i + 1) * block)))
+    return spans
+
+
+def blocked_score_elements(t: int, window: int | None) -> int:
+    """Scores per (row, head) the blocked attention computes: about half of T x T when causal. XLA
+    runs the query blocks' backward side by side, so that many float32 scores live at once there."""
+    spans = _blocks(t, window)
+    return t * t if spans is None else sum((q.stop - q.start) * (k.stop - k.start) for q, k in spans)
+
+
+def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
+    """Query block i against key blocks lo..i only (the rest is masked anyway); each query block is a
+    `jax.checkpoint`, so no layer keeps its scores for the backward (the T x T residual of the
+    einsum). Rows shorter than two blocks use blocks of T/2."""
+    spans = _blocks(q.shape[1], window, block)
+    if spans is None:
         return masked(q, k, v, mask(positions, segments, positions, segments, window))
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -110,9 +135,7 @@ def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
         return masked(q_i, k_i, v_i, mask(qpos, qseg, kpos, kseg, window))
 
     outs = []
-    for i in range(t // block):
-        lo = 0 if window is None else max(0, (i * block - window + 1) // block)
-        qs, ks = slice(i * block, (i + 1) * block), slice(lo * block, (i + 1) * block)
+    for qs, ks in spans:
         outs.append(one_block(q[:, qs], k[:, ks], v[:, ks], positions[:, qs], segments[:, qs], positions[:, ks],
                               segments[:, ks]))
     return jnp.concatenate(outs, axis=1)

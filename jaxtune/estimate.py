@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtune import lora, quant, sharding
+from jaxtune import attention, lora, quant, sharding
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import config_from_hf, read_hf_config
 from jaxtune.models.llama import REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq
@@ -43,6 +43,7 @@ DEVICES = (
 RESIDUALS_KEPT = 0.82  # share of the traced residual bytes XLA keeps (fusion recomputes the rest)
 LOGIT_COPIES = 2  # float32 logits of one loss chunk: the logits and their cotangent
 LAYER_COTANGENTS = 0.55  # a layer's backward working set, relative to all its forward intermediates
+BLOCKED_SCORE_COPIES = 4  # blocked attention's backward: scores, probabilities, their cotangents
 TIED_COPIES = 2  # tied embeddings: the transposed output projection and its cotangent
 HEADROOM = 0.9  # fits = the estimate within 90% of the device: XLA's runtime, fragmentation, workspaces
 
@@ -152,6 +153,11 @@ def abstract_run(cfg) -> AbstractRun:
     hf = read_architecture(cfg.model.path)
     mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           source=f"{cfg.model.path}/config.json")
+    try:  # the backend training here would use; a kernel named for another platform is estimated as is
+        backend, _ = attention.resolve(cfg.model.attention, cfg.data.seq_len, mcfg.sliding_window)
+    except JaxtuneError:
+        backend = cfg.model.attention
+    mcfg = dataclasses.replace(mcfg, attention=backend)
     opts = lora.quant_options(cfg)
     run = cfg.to_dict()
     init_from = run["lora"]["init_from"]
@@ -217,8 +223,13 @@ def residual_bytes(fn, *args, per_layer: int) -> tuple[int, int]:
 
 def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str) -> tuple[int, int]:
     """(per-layer, loop-invariant) bytes one decoder layer keeps for its backward under `remat`, for a
-    micro-batch [batch, seq] (its input, which the layer scan stacks anyway, not included)."""
+    micro-batch [batch, seq] (its input, which the layer scan stacks anyway, not included).
+
+    "xla" attention keeps its [B, H, T, T] probabilities; the fused kernels (cudnn, pallas, splash)
+    keep O(T) per head as `blocked` does, which stands in for them (it traces on any platform)."""
     mcfg = run.model_cfg
+    if mcfg.attention not in ("xla", "blocked"):
+        mcfg = dataclasses.replace(mcfg, attention="blocked")
     model = nnx.merge(run.graphdef, run.trainable, run.frozen)
     graphdef, trainable, frozen = nnx.split(model.layers, lora.trainable_filter(cfg.method, cfg.lora.modules_to_save),
                                             ...)
@@ -229,17 +240,17 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
     def forward_and_vjp(x, trainable, frozen, rng, positions, mask):
         def body(x, trainable):
             layer = nnx.merge(graphdef, trainable, frozen)
-            segments = positions  # shape only: with "xla" attention the mask below is what is read
+            segments = positions  # shape only (the values are never computed here)
             return layer(x, mcfg, positions, segments, mask, inv_freq, rng=rng if dropout else None)[0]
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         return jax.vjp(body, x, trainable)
 
+    mask = jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_) if mcfg.attention == "xla" else None
     return residual_bytes(forward_and_vjp, jax.ShapeDtypeStruct((batch, seq, mcfg.hidden_size), jnp.dtype(mcfg.dtype)),
                           one_layer(trainable), one_layer(frozen), jax.random.key(0),
-                          jax.ShapeDtypeStruct((batch, seq), jnp.int32), jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_),
-                          per_layer=4)
+                          jax.ShapeDtypeStruct((batch, seq), jnp.int32), mask, per_layer=4)
 
 
 def _largest_dequantized_kernel(run: AbstractRun, itemsize: int) -> int:
@@ -307,6 +318,9 @@ def estimate(cfg, devices: int | None = None) -> Estimate:
     loss += TIED_COPIES * v * d * act // tensor if mcfg.tie_word_embeddings else 0
     layer = (every - kept if mcfg.remat != "none" else 0) + int(LAYER_COTANGENTS * every)
     layer += 2 * _largest_dequantized_kernel(run, act) if cfg.method == "qlora" else 0
+    if mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
+        heads = -(-mcfg.num_heads // tensor)
+        layer += BLOCKED_SCORE_COPIES * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4
     parts = {
         "frozen": sum(frozen.values()),
         "trainable": sum(trainable.values()),
@@ -322,7 +336,8 @@ def estimate(cfg, devices: int | None = None) -> Estimate:
         "optimizer": f"AdamW moments + MultiSteps' gradient accumulator: {show(optimizer)}",
         "gradients": "one gradient of the trainable weights",
         "activations": f"micro-batch {b} x {t} per device; {mcfg.num_layers} layers x ({stream / MiB:.1f} MiB "
-                       f"stream + {RESIDUALS_KEPT * kept / MiB:.1f} MiB kept by remat={mcfg.remat!r})",
+                       f"stream + {RESIDUALS_KEPT * kept / MiB:.1f} MiB kept by remat={mcfg.remat!r}, "
+                       f"attention={mcfg.attention!r})",
         "backward peak": f"the larger of the loss ({loss / MiB:.0f} MiB: float32 logits of {b} x {chunk} tokens "
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",

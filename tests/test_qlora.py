@@ -106,17 +106,17 @@ def test_compiled_qlora_step_holds_no_dense_stack_of_a_quantized_kernel(tmp_path
     graphdef, trainable, frozen = lora.split_trainable(model, "qlora")
     tx = optim.optimizer(optax.constant_schedule(1e-3), weight_decay=0.0, max_grad_norm=1.0, b1=0.9, b2=0.999,
                          grad_accum_steps=1)
-    tokens = np.zeros((2, 32), np.int32)
-    batch = {"tokens": tokens, "targets": tokens, "weights": np.ones((2, 32), np.float32),
-             "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(32, dtype=np.int32), (2, 1))}
+    tokens = np.zeros((2, 48), np.int32)  # B x T = 96: no activation [layers, B x T, 192] looks like a kernel
+    batch = {"tokens": tokens, "targets": tokens, "weights": np.ones((2, 48), np.float32),
+             "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(48, dtype=np.int32), (2, 1))}
     step = jax.jit(make_train_step(graphdef, tx, 16))
-    hlo = step.lower(trainable, frozen, tx.init(trainable), batch, jnp.float32(64), None).compile().as_text()
+    hlo = step.lower(trainable, frozen, tx.init(trainable), batch, jnp.float32(96), None).compile().as_text()
     dense_mlp_kernel = ["f32[2,64,192]", "f32[2,192,64]"]  # gate/up [in, out] and down, stacked over 2 layers
     assert not [s for s in dense_mlp_kernel if s in hlo]
     twin = lora.add_lora(from_pretrained(path), rank=4, alpha=8)  # the check can fail: a dense base has them
     graphdef, trainable, frozen = lora.split_trainable(twin, "lora")
     hlo = jax.jit(make_train_step(graphdef, tx, 16)).lower(trainable, frozen, tx.init(trainable), batch,
-                                                         jnp.float32(64), None).compile().as_text()
+                                                         jnp.float32(96), None).compile().as_text()
     assert [s for s in dense_mlp_kernel if s in hlo]
 
 
