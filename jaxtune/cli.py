@@ -97,10 +97,10 @@ def cmd_estimate(args):
     print(estimate(config.load(args.config, overrides), devices).text())
 
 
-def cmd_keys(_args):
+def cmd_keys(args):
     from jaxtune import config
 
-    print(config.describe())
+    print(config.describe_markdown() if args.markdown else config.describe(), end="" if args.markdown else "\n")
 
 
 def cmd_curves(args):
@@ -205,6 +205,7 @@ def _add_training_commands(sub):
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("keys", help="list every config key with its default and help")
+    p.add_argument("--markdown", action="store_true", help="as the Markdown page docs/configs.md")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("curves", help="redraw WORKDIR/curves.png from metrics.jsonl and print the diagnosis")

@@ -191,6 +191,22 @@ def describe() -> str:
     return "\n".join(f"{k:<{width}}  {json.dumps(v):<14} {d.text:<{domain_width}}  {h}" for k, v, h, d in SCHEMA)
 
 
+def describe_markdown() -> str:
+    """docs/configs.md: the same table as Markdown, a section per group (`jaxtune keys --markdown`)."""
+    lines = ["# Config keys", "", "Generated from `jaxtune/config.py` by `jaxtune keys --markdown > docs/configs.md`",
+             "(a test fails when this page is stale). Set a key in a config file (`cfg.train.lr = 1e-4`) or on",
+             "the command line (`--config.train.lr=1e-4`); an unknown key is an error."]
+    group = None
+    for key, default, help_, domain in SCHEMA:
+        head = key.split(".")[0] if "." in key else "run"
+        if head != group:
+            group = head
+            lines += ["", f"## {group}", "", "| key | default | accepts | what it does |", "|---|---|---|---|"]
+        cell = lambda text: str(text).replace("|", "\\|")
+        lines.append(f"| `{key}` | `{json.dumps(default)}` | {cell(domain.text)} | {cell(help_)} |")
+    return "\n".join(lines) + "\n"
+
+
 def load(config_file: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """A config file with `get_config()` plus `--config.key=value` overrides, locked, validated."""
     from absl import flags

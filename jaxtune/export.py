@@ -117,6 +117,7 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
     samples = sample_tokens(base_dir, cfg) if verify else []
     expected = [np.asarray(model(np.array([ids]))) for ids in samples]  # before merging mutates the model
     result = {"out": str(out), "kind": kind, "step": step, "dtype": dtype}
+    lora_shape = lora.describe(model, cfg["lora_effective"]["alpha"]) if cfg["lora_effective"] else None
 
     def build(tmp: Path):
         """Write, then check the files where they are: a failed check leaves nothing at `out`."""
@@ -133,11 +134,47 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
             lora.merge_lora(model)
             _cast(model, dtype)
             write_hf_files(model, tmp, tokenizer_from=base_dir)
+        (tmp / "README.md").write_text(model_card(kind, out.name, cfg, step, workdir, lora_shape))
         if verify:
             result["parity_rel_err"] = verify_export(tmp, kind, base_dir, samples, expected, dtype, name=out)
 
     write_dir(out, build, kind=EXPORT_KINDS[kind], overwrite=overwrite, flag="--overwrite")
     return result
+
+
+def model_card(kind: str, name: str, cfg: dict, step: int, workdir, lora_shape: str | None) -> str:
+    """README.md as the hub and peft write it: YAML front matter (base model, library, tags) and
+    how to load the export, what trained and the losses of the run (from summary.json)."""
+    base = cfg["model"]["path"]
+    adapter = kind == "adapter"
+    tags = [f"base_model:{'adapter' if adapter else 'finetune'}:{base}", cfg["method"], "jaxtune"]
+    front = ["---", f"base_model: {base}", f"library_name: {'peft' if adapter else 'transformers'}",
+             "pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    if adapter:
+        load = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+                f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{name}")']
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}")']
+    what = f"{cfg['method']} fine-tune of `{base}` with jaxtune, step {step}"
+    if lora_shape:
+        what += f"; {lora_shape}"
+    data = cfg["data"]["train"]
+    lines = [*front, f"# {name}", "", f"A {what}, trained on `{data}`.", "", "```python", *load, "```", ""]
+    summary_file = run_path(workdir) / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        lines += ["| steps | final train loss | first / best eval loss | diagnosis |", "|---|---|---|---|",
+                  f"| {summary.get('steps')} | {_fmt(summary.get('final_loss'))} | "
+                  f"{_fmt(summary.get('first_eval_loss'))} / {_fmt(summary.get('best_eval_loss'))} | "
+                  f"{summary.get('diagnosis')} |", ""]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def _cast(model: Llama, dtype: str) -> None:

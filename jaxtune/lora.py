@@ -119,6 +119,12 @@ def lora_modules(model: Llama) -> dict[str, Linear]:
     return {name: getattr(model.layers, name) for name in LINEAR_MODULES if getattr(model.layers, name).lora_a is not None}
 
 
+def describe(model: Llama, alpha: float) -> str:
+    modules = lora_modules(model)
+    rank = next(iter(modules.values())).lora_a.shape[-1]
+    return f"LoRA r={rank}, alpha={alpha:g}, on {', '.join(sorted(modules))}"
+
+
 def adapter_tensors(model: Llama, modules_to_save: str = "") -> dict:
     """PEFT's adapter_model.safetensors content: lora_A [r, in], lora_B [out, r] per layer and module,
     plus modules_to_save weights under their HF names."""
@@ -138,15 +144,29 @@ def adapter_tensors(model: Llama, modules_to_save: str = "") -> dict:
     return out
 
 
+# Every field `peft.LoraConfig.save_pretrained` writes (peft 0.21.2), at peft's defaults: readers that
+# look a field up rather than constructing a LoraConfig (merge scripts, vLLM, older tools) find it.
+PEFT_VERSION = "0.21.2"
+PEFT_LORA_FIELDS = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "bias": "none", "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
+    "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+    "kasa_config": None, "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
+    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
+    "peft_version": PEFT_VERSION, "qalora_group_size": 16, "rank_pattern": {}, "revision": None,
+    "target_parameters": None, "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None,
+    "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+
+
 def adapter_config(model: Llama, *, alpha: float, dropout: float, rslora: bool, modules_to_save: str,
                    base_model: str) -> dict:
     modules = lora_modules(model)
     rank = next(iter(modules.values())).lora_a.shape[-1]
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": alpha,
-            "lora_dropout": dropout, "target_modules": sorted(modules), "use_rslora": rslora, "bias": "none",
-            "modules_to_save": split_list(modules_to_save) or None,
-            "base_model_name_or_path": base_model, "fan_in_fan_out": False, "init_lora_weights": True,
-            "inference_mode": True,
+    return {**PEFT_LORA_FIELDS, "r": int(rank), "lora_alpha": alpha, "lora_dropout": dropout,
+            "target_modules": sorted(modules), "use_rslora": rslora,
+            "modules_to_save": split_list(modules_to_save) or None, "base_model_name_or_path": base_model,
             # tied input/output embeddings trained as one matrix: peft must keep lm_head tied to the copy
             "ensure_weight_tying": bool(model.cfg.tie_word_embeddings and split_list(modules_to_save))}
 

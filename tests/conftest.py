@@ -128,7 +128,8 @@ def jaxtune_cli(*args, **kwargs):
 
 # The longest tests (minutes each) start first, so that `pytest -n 2` (make test) does not end on one
 # of them running alone.
-LONG_FIRST = ("test_multihost.py", "test_reliability.py", "test_qlora.py", "test_gcs.py", "test_export.py")
+LONG_FIRST = ("test_multihost.py", "test_reliability.py", "test_qlora.py", "test_gcs.py", "test_notebooks.py",
+              "test_export.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -48,12 +48,25 @@ def test_merged_and_adapter_exports_match(lora_run, tiny_dir, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert rel_err(torch_logits(ref.eval(), tokens), ours) < 1e-4
     assert (tmp_path / "merged" / "chat_template.jinja").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    # older readers (transformers 4, llama.cpp's converter) find the rope base and the chat template
+    hf = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert hf["rope_theta"] == hf["rope_parameters"]["rope_theta"] == 10000.0 and hf["rope_scaling"] is None
+    tokenizer_config = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == (tmp_path / "merged" / "chat_template.jinja").read_text()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"base_model: {tiny_dir}" in card and "library_name: transformers" in card and "| 3 |" in card
 
     adapter = export(lora_run, tmp_path / "adapter", kind="adapter")
     assert adapter["parity_rel_err"] < 1e-4
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["use_rslora"] is True and cfg["r"] == 16
     assert cfg["modules_to_save"] == ["embed_tokens"] and len(cfg["target_modules"]) == 7
+    from peft import LoraConfig
+
+    assert set(LoraConfig(task_type="CAUSAL_LM").to_dict()) <= set(cfg)  # every field peft itself writes
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert card.startswith("---\n") and f"base_model: {tiny_dir}" in card and "library_name: peft" in card
+    assert "LoRA r=16, alpha=32, on down_proj, gate_proj" in card and 'PeftModel.from_pretrained(base, "adapter")' in card
     peft_model, key_warnings = peft_load_warnings(tiny_dir, tmp_path / "adapter")
     assert key_warnings == []
     assert rel_err(torch_logits(peft_model, tokens), ours) < 1e-4
@@ -170,3 +183,19 @@ def test_real_smollm2_lora_export(smollm2_dir, chat_data, tmp_path):
                                                          "lora.rank": 8, "lora.targets": "q_proj,v_proj"}))
     assert export(workdir, tmp_path / "merged", kind="merged")["parity_rel_err"] < 1e-4
     assert export(workdir, tmp_path / "adapter", kind="adapter")["parity_rel_err"] < 1e-4
+
+
+def test_classic_rope_keys_say_what_rope_parameters_say():
+    """A llama3-scaled rope written both ways; transformers reads the classic keys alone (as an old
+    config) to the same rope as the new ones alone."""
+    import transformers
+
+    from jaxtune.models.hf import with_classic_rope_keys
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf = with_classic_rope_keys({"model_type": "llama", "rope_parameters": dict(rope)})
+    assert hf["rope_theta"] == 500000.0 and hf["rope_scaling"]["factor"] == 32.0 and "rope_theta" not in hf["rope_scaling"]
+    classic = transformers.LlamaConfig(rope_theta=hf["rope_theta"], rope_scaling=hf["rope_scaling"])
+    both = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    assert classic.rope_parameters == both.rope_parameters == transformers.LlamaConfig(rope_parameters=rope).rope_parameters

@@ -417,7 +417,30 @@ def hf_config_dict(model: Llama) -> dict:
     }
     hf.pop("quantization_config", None)
     hf["torch_dtype"] = hf["dtype"] = cfg.param_dtype
+    return with_classic_rope_keys(hf)
+
+
+def with_classic_rope_keys(hf: dict) -> dict:
+    """transformers 5 keeps the rope base inside `rope_parameters`; transformers 4 and llama.cpp's
+    converter read top-level `rope_theta` / `rope_scaling` and, without them, silently use a base of
+    10000 (a wrong model). Both forms are written; they say the same thing."""
+    rope = hf.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        hf.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        hf.setdefault("rope_scaling", scaling if scaling.get("rope_type", "default") != "default" else None)
     return hf
+
+
+def chat_template_in_tokenizer_config(out: Path) -> None:
+    """transformers 5 saves the chat template as chat_template.jinja only; older readers (transformers
+    4, llama.cpp's converter) look for it in tokenizer_config.json, so it is copied there too."""
+    template, config_file = out / "chat_template.jinja", out / "tokenizer_config.json"
+    if template.is_file() and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if "chat_template" not in config:
+            config["chat_template"] = template.read_text()
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def write_safetensors(named_arrays, out: Path, *, shard_bytes: int = SHARD_BYTES) -> None:
@@ -459,6 +482,7 @@ def write_hf_files(model: Llama, out: Path, *, shard_bytes: int = SHARD_BYTES,
     for fname in TOKENIZER_FILES + ("generation_config.json",):
         if (source / fname).is_file():
             shutil.copy2(source / fname, out / fname)
+    chat_template_in_tokenizer_config(out)
     if not (out / "generation_config.json").exists():
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
