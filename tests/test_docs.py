@@ -80,3 +80,19 @@ def test_export_page_commands_run(tiny_dir, chat_data, tmp_path):
         subprocess.run([sys.executable, "-m", "jaxtune.cli", *command.split()[1:]], cwd=tmp_path, check=True)
     assert (tmp_path / "smollm2-chitchat" / "README.md").is_file()
     assert (tmp_path / "smollm2-chitchat-lora" / "adapter_config.json").is_file()
+
+
+def test_data_page_commands_run_on_its_examples(tmp_path):
+    """docs/data.md's commands, as written, in a copy of docs/examples/ (a shell expands $(jaxtune assets ...))."""
+    import os
+    import shutil
+
+    work = shutil.copytree(ROOT / "docs" / "examples", tmp_path / "examples")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    commands = doc_commands(ROOT / "docs" / "data.md")
+    assert len(commands) == 5
+    outputs = [subprocess.run(["bash", "-c", c], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
+               for c in commands]
+    assert "+       2 '<|im_end|>'" in outputs[0] and "preflight: OK" in "".join(outputs)
+    assert len((work / "qa_clean.jsonl").read_text().splitlines()) == 5
+    assert "Sourdough starter basics" in (work / "guide.jsonl").read_text()

@@ -230,3 +230,13 @@ def test_format_options_from_a_config_or_its_json():
     assert FormatOptions.from_config(cfg, seq_len=96, overlong="truncate") == FormatOptions("alpaca", 96)
     cfg.data.chat_template = "chatml"
     assert FormatOptions.from_config(cfg).chat_template == "chatml"
+
+
+def test_short_turns_found_in_the_system_prompt_are_not_mistaken(tokenizer):
+    """Hypothesis found it: SmolLM2's default system prompt ends in 'Hugging Face', so a user turn 'F' was
+    found there, the assistant's 'F' at the user's turn, and the user's text supervised."""
+    messages = [{"role": "user", "content": "F"}, {"role": "assistant", "content": "F"}]
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=4096)).tokenize([{"messages": messages}])
+    assert supervised_text(tokenizer, data) == "F<|im_end|>\n"
+    f = Formatter(tokenizer, FormatOptions("chat"))
+    assert f.chat_spans(messages)[1] == f._chat_spans_by_prefix(messages)

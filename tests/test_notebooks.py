@@ -81,3 +81,15 @@ def test_prepare_data_notebook_cleans_and_shows_the_trained_end_of_turn(tmp_path
     assert "Sourdough starter basics" in (tmp_path / "guide.jsonl").read_text() and "Buy our flour" not in text
     assert "the EOS token '<|im_end|>' is trained: +       2 '<|im_end|>'" in text
     assert "lr = base_lr * sqrt(supervised_tokens_per_step / pretrained_batch_tokens)" in text
+
+
+def test_qlora_gpu_notebook_estimates_trains_and_exports_the_adapter(tiny_dir, chat_data, tmp_path, kernel_env):
+    smoke = {"MODEL": str(tiny_dir), "DATA": str(chat_data / "train.jsonl"), "SEQ_LEN": 128, "MAX_STEPS": 4,
+             "EVAL_EVERY": 2, "WORKDIR": "runs/smoke"}  # the tiny model quantized while loading, 4 x 16 rows
+    nb = run_notebook(ROOT / "notebooks" / "02_qlora_gpu.ipynb", smoke, tmp_path)
+    text = text_output(nb)
+    assert "frozen" in text and "fits" in text.lower()  # the estimate's breakdown and the devices it fits
+    assert "diagnosis: " in text and "parity check failed" not in text
+    adapter = json.loads((tmp_path / "runs" / "smoke-adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and len(adapter["target_modules"]) == 7
+    assert json.loads((tmp_path / "runs" / "smoke" / "config.json").read_text())["method"] == "qlora"

@@ -138,23 +138,27 @@ class Formatter:
     @property
     def assistant_suffix(self) -> str | None:
         """What the template writes after an assistant's content (e.g. '<|im_end|>\\n'), found once by
-        rendering a probe; None when the template does not wrap content verbatim."""
+        rendering a probe; None when the template does not wrap content verbatim. `_header` is what it
+        writes before (the generation prompt, e.g. '<|im_start|>assistant\\n')."""
         if not hasattr(self, "_suffix"):
             probe = [{"role": "user", "content": "\x01probe-user\x01"}, {"role": "assistant", "content": "\x01probe\x01"}]
             prompt = self.render(probe[:1], add_generation_prompt=True)
             full = self.render(probe)
             body = full[len(prompt):] if full.startswith(prompt) else ""
             self._suffix = body[len("\x01probe\x01"):] if body.startswith("\x01probe\x01") else None
+            user_only = self.render(probe[:1])
+            self._header = prompt[len(user_only):] if prompt.startswith(user_only) else None
         return self._suffix
 
     def chat_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """Full text plus the character spans of every assistant turn (content + end of turn).
 
         Fast path: one render, each message's content found in order, each assistant span checked to
-        end with the template's assistant suffix. Anything unexpected falls back to rendering every
-        prefix (exact for any prefix-stable template, but quadratic in the number of turns)."""
+        start right after the template's assistant header and end with its suffix (short content can
+        also occur earlier, e.g. 'F' in a system prompt's 'Face'). Anything unexpected falls back to
+        rendering every prefix (exact for any prefix-stable template, but quadratic in the number of turns)."""
         text, suffix = self.render(messages), self.assistant_suffix
-        if suffix is not None:
+        if suffix is not None and self._header is not None:
             spans, cursor = [], 0
             for msg in messages:
                 at = text.find(msg["content"], cursor)
@@ -162,7 +166,7 @@ class Formatter:
                     break
                 cursor = at + len(msg["content"])
                 if msg["role"] == "assistant":
-                    if not text.startswith(suffix, cursor):
+                    if not (text.startswith(suffix, cursor) and text.startswith(self._header, at - len(self._header))):
                         break
                     spans.append((at, cursor + len(suffix)))
             else:
