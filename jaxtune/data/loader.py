@@ -24,7 +24,7 @@ from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
 from jaxtune.data.preflight import DataReport
 from jaxtune.errors import JaxtuneError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat spans must follow the assistant header (a short turn could match earlier text)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
