@@ -197,12 +197,12 @@ def describe_markdown() -> str:
              "(a test fails when this page is stale). Set a key in a config file (`cfg.train.lr = 1e-4`) or on",
              "the command line (`--config.train.lr=1e-4`); an unknown key is an error."]
     group = None
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731 (a pipe would end the table cell)
     for key, default, help_, domain in SCHEMA:
         head = key.split(".")[0] if "." in key else "run"
         if head != group:
             group = head
             lines += ["", f"## {group}", "", "| key | default | accepts | what it does |", "|---|---|---|---|"]
-        cell = lambda text: str(text).replace("|", "\\|")
         lines.append(f"| `{key}` | `{json.dumps(default)}` | {cell(domain.text)} | {cell(help_)} |")
     return "\n".join(lines) + "\n"
 

@@ -119,10 +119,12 @@ def lora_modules(model: Llama) -> dict[str, Linear]:
     return {name: getattr(model.layers, name) for name in LINEAR_MODULES if getattr(model.layers, name).lora_a is not None}
 
 
+def lora_rank(model: Llama) -> int:
+    return int(next(iter(lora_modules(model).values())).lora_a.shape[-1])
+
+
 def describe(model: Llama, alpha: float) -> str:
-    modules = lora_modules(model)
-    rank = next(iter(modules.values())).lora_a.shape[-1]
-    return f"LoRA r={rank}, alpha={alpha:g}, on {', '.join(sorted(modules))}"
+    return f"LoRA r={lora_rank(model)}, alpha={alpha:g}, on {', '.join(sorted(lora_modules(model)))}"
 
 
 def adapter_tensors(model: Llama, modules_to_save: str = "") -> dict:
@@ -162,10 +164,8 @@ PEFT_LORA_FIELDS = {
 
 def adapter_config(model: Llama, *, alpha: float, dropout: float, rslora: bool, modules_to_save: str,
                    base_model: str) -> dict:
-    modules = lora_modules(model)
-    rank = next(iter(modules.values())).lora_a.shape[-1]
-    return {**PEFT_LORA_FIELDS, "r": int(rank), "lora_alpha": alpha, "lora_dropout": dropout,
-            "target_modules": sorted(modules), "use_rslora": rslora,
+    return {**PEFT_LORA_FIELDS, "r": lora_rank(model), "lora_alpha": alpha, "lora_dropout": dropout,
+            "target_modules": sorted(lora_modules(model)), "use_rslora": rslora,
             "modules_to_save": split_list(modules_to_save) or None, "base_model_name_or_path": base_model,
             # tied input/output embeddings trained as one matrix: peft must keep lm_head tied to the copy
             "ensure_weight_tying": bool(model.cfg.tie_word_embeddings and split_list(modules_to_save))}
