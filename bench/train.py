@@ -2,7 +2,7 @@
 LoRA (r=16, alpha=32, all linear layers), same data shape, in one command.
 
     python bench/train.py [--model DIR] [--batch 4] [--seq 512] [--steps 5] [--dtype float32] [--method qlora]
-                          [--remat none|dots|full] [--attention auto|xla|blocked|...]
+                          [--remat auto|none|dots|full] [--attention auto|xla|blocked|...]
 
 Each side also times its forward pass alone (the loss, no gradients) so that the backward's share
 of the step shows: jaxtune's eval step, peft's model under torch.no_grad().
@@ -57,7 +57,7 @@ def run_jaxtune(args):
     import jax.numpy as jnp
     import optax
 
-    from jaxtune import attention, from_pretrained, lora
+    from jaxtune import attention, estimate, from_pretrained, lora
     from jaxtune.models.hf import config_from_hf, read_hf_config
     from jaxtune.train import optim
     from jaxtune.train.step import make_eval_step, make_train_step
@@ -68,7 +68,10 @@ def run_jaxtune(args):
     quantize = QuantOptions(LINEAR_MODULES) if args.method == "qlora" else None
     window = config_from_hf(read_hf_config(args.model)).sliding_window
     backend, _ = attention.resolve(args.attention, args.seq, window)
-    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat, attention=backend,
+    remat = args.remat
+    if remat == "auto":  # as `jaxtune train` resolves it (on an accelerator these shapes fit without recomputing)
+        remat = estimate.CPU_REMAT if jax.default_backend() == "cpu" else "none"
+    model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=remat, attention=backend,
                             quantize=quantize)
     lora.add_lora(model, rank=16, alpha=32, dropout=args.dropout, targets="all-linear")
     graphdef, trainable, frozen = lora.split_trainable(model, args.method)
@@ -96,7 +99,7 @@ def run_jaxtune(args):
         jax.block_until_ready(forward(trainable, frozen, batch))
         forward_times.append(time.perf_counter() - t)
     return {"step_s": statistics.median(times[1:]), "compile_and_first_step_s": times[0], "trainable": int(n_trainable),
-            "loss": float(metrics["loss_sum"] / metrics["tokens"]), "peak": peak, "attention": backend,
+            "loss": float(metrics["loss_sum"] / metrics["tokens"]), "peak": peak, "attention": backend, "remat": remat,
             "forward_s": statistics.median(forward_times[1:]), "peak_flops": matmul_peak_flops(args.dtype)}
 
 
@@ -107,7 +110,7 @@ def run_peft(args):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
-    if args.remat != "none":
+    if args.remat not in ("none", "auto"):  # auto: each side's default (peft's keeps every activation)
         model.gradient_checkpointing_enable()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -151,7 +154,8 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
+    parser.add_argument("--remat", default="auto", choices=["auto", "none", "dots", "full"],
+                        help="jaxtune's model.remat; peft recomputes (gradient checkpointing) unless none/auto")
     parser.add_argument("--attention", default="auto", help="jaxtune's model.attention (peft: transformers' sdpa)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"],
@@ -189,7 +193,7 @@ def main():
             result.update({"model_flops_per_token": flops, "matmul_peak_flops": round(r["peak_flops"]),
                            "jaxtune_mfu": round(flops * tokens_per_s / r["peak_flops"], 4),
                            "jaxtune_compile_and_first_step_s": round(r["compile_and_first_step_s"], 1),
-                           "jaxtune_attention": r["attention"]})
+                           "jaxtune_attention": r["attention"], "jaxtune_remat": r["remat"]})
     if not args.only:
         result["speed_ratio_jaxtune_over_peft"] = round(result["jaxtune_tokens_per_s"] / result["peft_tokens_per_s"], 3)
         result["memory_ratio_jaxtune_over_peft"] = round(result["jaxtune_peak_bytes"] / result["peft_peak_bytes"], 3)

@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,11 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One XLA compilation cache for the test processes, the xdist workers and the `jaxtune` processes tests
+# start: dozens of tests compile the same tiny train step. Multi-process jobs run without it
+# (`without_compilation_cache`).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxtune-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
@@ -117,6 +123,12 @@ def write_config_file(path, cfg):
     path.write_text("import json\nfrom jaxtune.config import base_config\n\n\ndef get_config():\n"
                     f"    cfg = base_config()\n    cfg.update_from_flattened_dict(json.loads({values}))\n    return cfg\n")
     return path
+
+
+def without_compilation_cache(env: dict) -> dict:
+    """`env` for a job of several jax.distributed processes: a 2-process CPU job resumed with the
+    persistent compilation cache once hung in a gloo collective (not understood yet), so they compile."""
+    return {k: v for k, v in env.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
 
 
 def jaxtune_cli(*args, **kwargs):

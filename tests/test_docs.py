@@ -1,4 +1,5 @@
 """The docs say what the code does: generated pages are current, links resolve."""
+import json
 import re
 import subprocess
 import sys
@@ -40,15 +41,16 @@ def test_troubleshooting_quotes_messages_jaxtune_raises():
             assert fragment.strip() in source, f"troubleshooting.md quotes {message!r}, which jaxtune no longer says"
 
 
+def bash_lines(page: Path) -> list[str]:
+    """Every command line of a page's ```bash blocks (comments dropped, continuation lines joined)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.M | re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line]
+
+
 def doc_commands(page: Path) -> list[str]:
-    """The `jaxtune ...` lines of a page's ```bash blocks (comments dropped, continuation lines joined)."""
-    commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.M | re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("jaxtune "):
-                commands.append(line)
-    return commands
+    """The `jaxtune ...` lines of a page's ```bash blocks."""
+    return [line for line in bash_lines(page) if line.startswith("jaxtune ")]
 
 
 def test_every_jaxtune_command_in_the_docs_parses():
@@ -96,3 +98,25 @@ def test_data_page_commands_run_on_its_examples(tmp_path):
     assert "+       2 '<|im_end|>'" in outputs[0] and "preflight: OK" in "".join(outputs)
     assert len((work / "qa_clean.jsonl").read_text().splitlines()) == 5
     assert "Sourdough starter basics" in (work / "guide.jsonl").read_text()
+
+
+def test_lora_page_commands_run_as_written(tiny_dir, chat_data, tmp_path):
+    """docs/lora.md's commands as written, from a copy of configs/, with $JAXTUNE_CACHE holding a stand-in for
+    the assets (the tiny model as smollm2-135m-instruct, 100 chitchat records): the quickstart preset, the
+    overrides, the overfit recipe and the export of its best checkpoint all run; the page's curves are real."""
+    import os
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_dir, cache / "smollm2-135m-instruct")
+    shutil.copytree(chat_data, cache / "chitchat")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    env = {**os.environ, "JAXTUNE_CACHE": str(cache), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    lines = bash_lines(ROOT / "docs" / "lora.md")
+    assert sum(line.startswith("jaxtune train") for line in lines) == 6
+    for line in lines:
+        subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "runs" / "few" / "summary.json").read_text())
+    assert (tmp_path / "few-best" / "adapter_config.json").is_file() and summary["steps"] == 40
+    for image in ("well-fit", "underfit", "overfit"):
+        assert (ROOT / "docs" / "images" / f"{image}.png").stat().st_size > 10_000

@@ -102,7 +102,8 @@ def test_train_warns_before_loading_a_run_that_cannot_fit(tiny_dir, chat_data, t
     monkeypatch.setattr(estimate, "device_memory", lambda: 2**20)
     est = estimate.check_fits(cfg, str(tiny_dir))
     out = capsys.readouterr().out
-    assert out.startswith("memory per device") and f"{est.total / 2**30:.2f} GiB" in out
+    assert out.startswith("remat: auto: 'dots' on CPU") and est.remat == "dots"
+    assert "memory per device (mesh" in out and "remat 'dots'" in out and f"{est.total / 2**30:.2f} GiB" in out
     assert "WARNING: the run needs about" in out and "this device has 0.0 GiB" in out
     monkeypatch.setattr(estimate, "device_memory", lambda: 2**40)
     estimate.check_fits(cfg, str(tiny_dir))
@@ -120,3 +121,17 @@ def test_per_device_bytes_follow_the_shardings():
              "count": jax.ShapeDtypeStruct((), jnp.int32)}
     sizes = estimate.per_device_bytes(state, Mesh())
     assert sizes == {"float32": 8 * 64 * 32 * 4 // 8, "bfloat16": 3 * 5 * 2, "int32": 4}
+
+
+def test_auto_remat_is_dots_on_cpu_and_the_least_recomputation_that_fits_elsewhere(tiny_dir, chat_data, tmp_path,
+                                                                                     monkeypatch):
+    cfg = run_config(tiny_dir, chat_data, tmp_path / "run", **{"data.seq_len": 512})
+    assert cfg.model.remat == "auto" and estimate.resolve_remat(cfg)[0] == "dots"
+    monkeypatch.setattr(estimate.jax, "default_backend", lambda: "gpu")
+    size = {p: estimate.estimate(estimate.with_remat(cfg, p)).total for p in ("none", "dots", "full")}
+    assert size["none"] > size["dots"] > size["full"]
+    for capacity, expected in [(size["none"], "none"), (size["dots"], "dots"), (size["full"], "full")]:
+        monkeypatch.setattr(estimate, "device_memory", lambda: capacity / estimate.HEADROOM + 1)
+        policy, why = estimate.resolve_remat(cfg)
+        assert policy == expected and why.startswith("auto: ")
+        assert estimate.estimate(cfg).remat == expected  # what `jaxtune estimate` shows for an 'auto' run

@@ -6,12 +6,13 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, without_compilation_cache
 
 
 def test_two_hosts_feed_one_global_batch():
     port = str(free_port())
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = without_compilation_cache({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                     "JAX_PLATFORMS": "cpu"})
     worker = Path(__file__).with_name("multihost_worker.py")
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), port], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -31,8 +32,8 @@ def start_job(config_file, processes: int, devices_per_process: int, *extra):
     """`jaxtune train` as a job of `processes` local processes (gloo on 127.0.0.1), each with its own
     CPU devices, as the hosts of a pod run it; returns the Popen objects, process 0 first."""
     port = str(free_port())
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = without_compilation_cache({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+                                     "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"})
     flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
                        "--process-id", str(i)] if processes > 1 else []
     return [subprocess.Popen([sys.executable, "-m", "jaxtune.cli", "train", *flags(i), str(config_file), *extra],

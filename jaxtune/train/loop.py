@@ -152,7 +152,7 @@ def setup_model(cfg, model_dir: str) -> Model:
     if cfg.train.micro_batch_size % batch_ways:
         raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
                            f"mesh data x fsdp = {batch_ways}")
-    check_fits(cfg, model_dir)
+    remat = check_fits(cfg, model_dir).remat
     window = config_from_hf(read_hf_config(model_dir)).sliding_window
     backend, why = attention.resolve(cfg.model.attention, cfg.data.seq_len, window)
     print(f"attention: {why}")
@@ -161,7 +161,7 @@ def setup_model(cfg, model_dir: str) -> Model:
 
         verify_model(model_dir)
     model = from_pretrained(model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, attention=backend, mesh=mesh, quantize=lora.quant_options(cfg))
+                            remat=remat, attention=backend, mesh=mesh, quantize=lora.quant_options(cfg))
     lora.attach_from_config(model, cfg.to_dict())
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
