@@ -102,8 +102,9 @@ def test_data_page_commands_run_on_its_examples(tmp_path):
 
 def test_lora_page_commands_run_as_written(tiny_dir, chat_data, tmp_path):
     """docs/lora.md's commands as written, from a copy of configs/, with $JAXTUNE_CACHE holding a stand-in for
-    the assets (the tiny model as smollm2-135m-instruct, 100 chitchat records): the quickstart preset, the
-    overrides, the overfit recipe and the export of its best checkpoint all run; the page's curves are real."""
+    the assets (the tiny model as smollm2-135m-instruct, 100 chitchat records) and each `jaxtune train` capped
+    at 2 steps without the chat prompt (appended overrides win): the quickstart preset, the page's overrides,
+    the overfit recipe and the export of its best checkpoint all run. The page's curves are the real runs'."""
     import os
     import shutil
 
@@ -111,12 +112,16 @@ def test_lora_page_commands_run_as_written(tiny_dir, chat_data, tmp_path):
     shutil.copytree(tiny_dir, cache / "smollm2-135m-instruct")
     shutil.copytree(chat_data, cache / "chitchat")
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    env = {**os.environ, "JAXTUNE_CACHE": str(cache), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "JAXTUNE_CACHE": str(cache), "XLA_FLAGS": "",  # one CPU device, as on a user's machine
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     lines = bash_lines(ROOT / "docs" / "lora.md")
     assert sum(line.startswith("jaxtune train") for line in lines) == 6
     for line in lines:
-        subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+        command = f"{line} --config.train.max_steps=2 --config.eval.prompt=" if line.startswith("jaxtune train") else line
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"docs/lora.md: `{line}` failed:\n{done.stderr[-2000:]}"
     summary = json.loads((tmp_path / "runs" / "few" / "summary.json").read_text())
-    assert (tmp_path / "few-best" / "adapter_config.json").is_file() and summary["steps"] == 40
+    assert (tmp_path / "few-best" / "adapter_config.json").is_file() and summary["steps"] == 2
+    assert len((tmp_path / "few.jsonl").read_text().splitlines()) == 8
     for image in ("well-fit", "underfit", "overfit"):
         assert (ROOT / "docs" / "images" / f"{image}.png").stat().st_size > 10_000
