@@ -49,7 +49,7 @@ def main():
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
     cfg = config.base_config()
     cfg.model.path, cfg.method, cfg.data.seq_len = str(arch), args.method, args.seq
-    cfg.train.micro_batch_size, cfg.lora.dropout = args.batch, 0.0
+    cfg.train.micro_batch_size, cfg.lora.dropout, cfg.model.remat = args.batch, 0.0, "none"  # as the README figures
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
     mesh = sharding.make_mesh(data, fsdp, tensor)
     run = estimate.abstract_run(cfg)

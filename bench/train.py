@@ -69,7 +69,7 @@ def run_jaxtune(args):
     window = config_from_hf(read_hf_config(args.model)).sliding_window
     backend, _ = attention.resolve(args.attention, args.seq, window)
     remat = args.remat
-    if remat == "auto":  # as `jaxtune train` resolves it (on an accelerator these shapes fit without recomputing)
+    if remat == "auto":  # `jaxtune train`'s choice on CPU; on an accelerator 'none' (pass --remat for a model that needs it)
         remat = estimate.CPU_REMAT if jax.default_backend() == "cpu" else "none"
     model = from_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype, remat=remat, attention=backend,
                             quantize=quantize)

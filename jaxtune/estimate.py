@@ -75,6 +75,7 @@ class Estimate:
     devices: int
     mesh: dict
     remat: str  # the policy estimated ('auto' resolved)
+    remat_auto: bool = False  # resolved from 'auto' on this machine: another device may resolve it otherwise
 
     @property
     def total(self) -> int:
@@ -85,8 +86,9 @@ class Estimate:
 
     def text(self, devices_table: bool = True) -> str:
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        how = " (model.remat='auto' as resolved here: set it to plan another device)" if self.remat_auto else ""
         lines = [f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}, "
-                 f"remat {self.remat!r}):"]
+                 f"remat {self.remat!r}{how}):"]
         for name, size in self.parts.items():
             lines.append(f"  {name:<14} {size / GiB:8.2f} GiB   {self.details.get(name, '')}")
         lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB")
@@ -290,10 +292,10 @@ def check_fits(cfg, model_dir: str) -> Estimate:
     print(est.text(devices_table=False))
     limit = device_memory()
     if limit and est.total > limit:
+        remat = "" if est.remat == "full" else "set model.remat='full', "
         print(f"WARNING: the run needs about {est.total / GiB:.1f} GiB per device and this device has "
               f"{limit / GiB:.1f} GiB: it will probably run out of memory. Lower train.micro_batch_size (and raise "
-              "train.grad_accum_steps) or data.seq_len, set model.remat='full', or use method='qlora'. "
-              "`jaxtune estimate` shows the parts.")
+              f"train.grad_accum_steps) or data.seq_len, {remat}or use method='qlora'. `jaxtune estimate` shows the parts.")
     return est
 
 
@@ -329,7 +331,8 @@ def estimate(cfg, devices: int | None = None) -> Estimate:
     """Memory per device of the run `cfg` on `devices` devices (default: those visible here)."""
     from jaxtune.train.step import chunk_size
 
-    if cfg.model.remat == "auto":
+    remat_auto = cfg.model.remat == "auto"
+    if remat_auto:
         cfg = with_remat(cfg, resolve_remat(cfg, devices)[0])
     devices = devices or jax.device_count()
     mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices))
@@ -379,4 +382,4 @@ def estimate(cfg, devices: int | None = None) -> Estimate:
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
-    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat)
+    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, remat_auto)

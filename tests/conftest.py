@@ -14,11 +14,16 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One XLA compilation cache for the test processes, the xdist workers and the `jaxtune` processes tests
-# start: dozens of tests compile the same tiny train step. Multi-process jobs run without it
-# (`without_compilation_cache`).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxtune-tests-xla-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# One XLA compilation cache for this session: its processes, the xdist workers (they inherit the
+# controller's environment) and the `jaxtune` processes tests start; dozens of tests compile the same tiny
+# train step. Fresh per session and removed at its end (`pytest_unconfigure`); a size limit turns on jax's
+# locked writes. Multi-process jobs run without it (`without_compilation_cache`).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = CREATED_CACHE = tempfile.mkdtemp(prefix="jaxtune-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+else:
+    CREATED_CACHE = None
 
 import jax  # noqa: E402
 
@@ -123,6 +128,24 @@ def write_config_file(path, cfg):
     path.write_text("import json\nfrom jaxtune.config import base_config\n\n\ndef get_config():\n"
                     f"    cfg = base_config()\n    cfg.update_from_flattened_dict(json.loads({values}))\n    return cfg\n")
     return path
+
+
+def pytest_unconfigure(config):
+    if CREATED_CACHE:
+        shutil.rmtree(CREATED_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_compiles():
+    """This test's compiles bypass the session's compilation cache: for tests that read what XLA
+    prints while it compiles (a cache hit prints nothing)."""
+    from jax._src import compilation_cache
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
 
 
 def without_compilation_cache(env: dict) -> dict:

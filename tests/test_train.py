@@ -169,7 +169,7 @@ def test_frozen_base_unchanged_and_single_compile(tiny_dir, chat_data, tmp_path,
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
-def test_same_losses_on_one_device_and_meshes(tiny_dir, chat_data, tmp_path, capfd):
+def test_same_losses_on_one_device_and_meshes(tiny_dir, chat_data, tmp_path, capfd, fresh_compiles):
     """Full fine-tuning (tied embeddings: the lookup and the loss share the vocabulary-parallel table)
     on meshes that shard the vocabulary over tensor and the hidden size over fsdp: the 1-device losses,
     and XLA never falls back to gathering a whole table ("involuntary full rematerialization")."""

@@ -80,6 +80,8 @@ class Model:
     trainable: nnx.State
     frozen: nnx.State
     vocab_size: int
+    remat: str  # model.remat and model.attention as resolved for this platform ('auto' never)
+    attention: str
 
 
 @dataclasses.dataclass
@@ -169,7 +171,7 @@ def setup_model(cfg, model_dir: str) -> Model:
     n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
     print(f"model {model_dir}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
           f"({cfg.method}), mesh {dict(mesh.shape)}")
-    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size)
+    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size, remat, backend)
 
 
 def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:
@@ -438,7 +440,9 @@ def train(cfg, *, progress=None) -> dict:
         state = restore(cfg, checkpoints, model, opt)
         if distributed.is_main():
             write_text(workdir / "config.json", json.dumps({**cfg.to_dict(), "identity": identity,
-                                                            "resolved": opt.resolved}, indent=2))
+                                                            "resolved": {**opt.resolved, "remat": model.remat,
+                                                                         "attention": model.attention}},
+                                                            indent=2))
         log = MetricsLog(workdir, state.step if state.last_saved is not None else None, cfg.log.tensorboard,
                          writer=distributed.is_main())
         if state.step == 0:
