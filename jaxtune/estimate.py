@@ -74,8 +74,8 @@ class Estimate:
     details: dict
     devices: int
     mesh: dict
-    remat: str  # the policy estimated ('auto' resolved)
-    remat_auto: bool = False  # resolved from 'auto' on this machine: another device may resolve it otherwise
+    remat: str  # the policy estimated
+    remat_why: str = ""  # how model.remat='auto' resolved on this machine ('' when the config names a policy)
 
     @property
     def total(self) -> int:
@@ -86,7 +86,7 @@ class Estimate:
 
     def text(self, devices_table: bool = True) -> str:
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
-        how = " (model.remat='auto' as resolved here: set it to plan another device)" if self.remat_auto else ""
+        how = " (model.remat='auto' as resolved here: set it to plan another device)" if self.remat_why else ""
         lines = [f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}, "
                  f"remat {self.remat!r}{how}):"]
         for name, size in self.parts.items():
@@ -154,8 +154,6 @@ def abstract_run(cfg) -> AbstractRun:
     """The run's model (NF4 kernels for QLoRA, LoRA attached) and optimizer state, without weights."""
     from jaxtune.train import optim
 
-    if cfg.model.remat == "auto":
-        cfg = with_remat(cfg, resolve_remat(cfg)[0])
     hf = read_architecture(cfg.model.path)
     mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           source=f"{cfg.model.path}/config.json")
@@ -286,9 +284,8 @@ def check_fits(cfg, model_dir: str) -> Estimate:
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.model.path = str(model_dir)
-    remat, why = resolve_remat(cfg)
-    print(f"remat: {why}")
-    est = estimate(with_remat(cfg, remat))
+    est = estimate(cfg)
+    print(f"remat: {est.remat_why or repr(est.remat) + ' (model.remat)'}")
     print(est.text(devices_table=False))
     limit = device_memory()
     if limit and est.total > limit:
@@ -305,21 +302,6 @@ def check_fits(cfg, model_dir: str) -> Estimate:
 CPU_REMAT = "dots"
 
 
-def resolve_remat(cfg, devices: int | None = None) -> tuple[str, str]:
-    """(policy, why) for `model.remat`. 'auto' is CPU_REMAT on CPU; on an accelerator the least
-    recomputation whose estimate fits this device: 'none' (fastest), else 'dots', else 'full'."""
-    if cfg.model.remat != "auto":
-        return cfg.model.remat, f"{cfg.model.remat} (model.remat)"
-    if jax.default_backend() == "cpu":
-        return CPU_REMAT, f"auto: {CPU_REMAT!r} on CPU (recomputing element-wise ops is faster there than keeping them)"
-    limit = device_memory()
-    for policy in ("none", "dots"):
-        total = estimate(with_remat(cfg, policy), devices).total
-        if limit is None or total <= HEADROOM * limit:
-            return policy, f"auto: {policy!r}, the least recomputation that fits ({total / GiB:.1f} GiB per device)"
-    return "full", "auto: 'full' (keeping matmul outputs would not fit this device)"
-
-
 def with_remat(cfg, policy: str):
     """A copy of `cfg` with model.remat = policy."""
     cfg = cfg.copy_and_resolve_references()
@@ -328,12 +310,28 @@ def with_remat(cfg, policy: str):
 
 
 def estimate(cfg, devices: int | None = None) -> Estimate:
-    """Memory per device of the run `cfg` on `devices` devices (default: those visible here)."""
+    """Memory per device of the run `cfg` on `devices` devices (default: those visible here).
+    model.remat='auto' resolves here: CPU_REMAT on CPU; on an accelerator the least recomputation that
+    fits this device ('none', the fastest, else 'dots', else 'full')."""
+    if cfg.model.remat != "auto":
+        return _estimate(cfg, devices)
+    if jax.default_backend() == "cpu":
+        est = _estimate(with_remat(cfg, CPU_REMAT), devices)
+        return dataclasses.replace(est, remat_why=f"auto: {CPU_REMAT!r} on CPU (recomputing element-wise ops is "
+                                                  "faster there than keeping them)")
+    limit = device_memory()
+    for policy in ("none", "dots", "full"):
+        est = _estimate(with_remat(cfg, policy), devices)
+        if limit is None or est.fits(limit):
+            return dataclasses.replace(est, remat_why=f"auto: {policy!r}, the least recomputation that fits "
+                                                      f"({est.total / GiB:.1f} GiB per device)")
+    return dataclasses.replace(est, remat_why="auto: 'full' (the most recomputation; even it may not fit)")
+
+
+def _estimate(cfg, devices: int | None) -> Estimate:
+    """`estimate` of a config that names its remat policy."""
     from jaxtune.train.step import chunk_size
 
-    remat_auto = cfg.model.remat == "auto"
-    if remat_auto:
-        cfg = with_remat(cfg, resolve_remat(cfg, devices)[0])
     devices = devices or jax.device_count()
     mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices))
     run = abstract_run(cfg)
@@ -382,4 +380,4 @@ def estimate(cfg, devices: int | None = None) -> Estimate:
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
-    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, remat_auto)
+    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat)

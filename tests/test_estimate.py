@@ -126,12 +126,12 @@ def test_per_device_bytes_follow_the_shardings():
 def test_auto_remat_is_dots_on_cpu_and_the_least_recomputation_that_fits_elsewhere(tiny_dir, chat_data, tmp_path,
                                                                                      monkeypatch):
     cfg = run_config(tiny_dir, chat_data, tmp_path / "run", **{"data.seq_len": 512})
-    assert cfg.model.remat == "auto" and estimate.resolve_remat(cfg)[0] == "dots"
+    assert cfg.model.remat == "auto" and estimate.estimate(cfg).remat == "dots"
     monkeypatch.setattr(estimate.jax, "default_backend", lambda: "gpu")
     size = {p: estimate.estimate(estimate.with_remat(cfg, p)).total for p in ("none", "dots", "full")}
     assert size["none"] > size["dots"] > size["full"]
     for capacity, expected in [(size["none"], "none"), (size["dots"], "dots"), (size["full"], "full")]:
         monkeypatch.setattr(estimate, "device_memory", lambda: capacity / estimate.HEADROOM + 1)
-        policy, why = estimate.resolve_remat(cfg)
-        assert policy == expected and why.startswith("auto: ")
-        assert estimate.estimate(cfg).remat == expected  # what `jaxtune estimate` shows for an 'auto' run
+        est = estimate.estimate(cfg)  # what `jaxtune estimate` and `jaxtune train` use for an 'auto' run
+        assert est.remat == expected and est.remat_why.startswith(f"auto: {expected!r}")
+        assert est.total == size[expected]
