@@ -1,7 +1,7 @@
 """LoRA r=16 (all linear modules) of Llama-3-8B on a TPU v4-32 (4 hosts x 4 chips, 32 GiB each):
 bfloat16 weights sharded over fsdp=16, full remat, one 4,096-token row per chip, 4 micro-steps per update.
 
-    jaxtune estimate configs/llama3_8b_lora_v4_32.py --devices=16      # 13 GiB of 32 per chip
+    jaxtune estimate configs/llama3_8b_lora_v4_32.py --devices=16      # 6.4 GiB of 32 per chip
     tpu_scripts/babysit.sh llama-pod --type v4-32 --zone us-central2-b --spot --run r1 -- \\
         jaxtune train configs/llama3_8b_lora_v4_32.py --config.workdir=gs://MY-BUCKET/runs/r1 \
         --config.data.train=/home/me/data/chats.jsonl

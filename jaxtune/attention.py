@@ -26,7 +26,7 @@ from jaxtune.errors import JaxtuneError
 
 BACKENDS = ("auto", "xla", "blocked", "cudnn", "pallas", "splash")
 PLATFORMS = {"xla": None, "blocked": None, "cudnn": ("gpu",), "pallas": ("gpu",), "splash": ("tpu",)}
-BLOCKED_BLOCK = 512
+BLOCKED_BLOCK = 128  # fastest of 64..512 at T = 512 and 2048 on CPU (forward + backward)
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
@@ -45,10 +45,10 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
                 return "pallas", "auto: Pallas flash attention with segment ids on GPU"
             why = "sliding window" if window is not None else f"T={seq_len} is not a multiple of 64"
             return "cudnn", f"auto: cuDNN flash attention on GPU ({why}: not in the Pallas kernel)"
-        block = min(BLOCKED_BLOCK, seq_len // 2)
-        if seq_len >= 512 and seq_len % block == 0:  # as fast at T=512 (less memory), 2.2x at 2048: bench/train.py
+        if _blocks(seq_len, window) is not None:  # faster than the einsum from T = 128, with less memory
+            block = min(BLOCKED_BLOCK, seq_len // 2)
             return "blocked", f"auto: blocked causal attention ({block}-token blocks) on {platform}"
-        return "xla", f"auto: XLA einsum attention on {platform}"
+        return "xla", f"auto: XLA einsum attention on {platform} (T={seq_len} does not split into blocks)"
     allowed = PLATFORMS[name]
     if allowed is not None and platform not in allowed:
         raise JaxtuneError(f"model.attention={name!r} runs on {'/'.join(allowed)}, not {platform}; use 'auto' "
@@ -77,17 +77,22 @@ def masked(q_bthd, keys_bskd, values_bskd, mask_bts) -> jax.Array:
     Queries, keys and values are transposed once to [B, K, G·T, D] / [B, K, S, D] (small: T×H×D),
     so both products are plain batched matmuls; written as "BTKGD,BSKD->BKGTS" XLA:CPU copies the
     T×S scores to another layout instead, forward and backward (1.6x slower). The scale goes on the
-    queries (T×D elements) rather than on the scores (T×S)."""
+    queries (T×D elements) rather than on the scores (T×S), the mask is added as a bias, and the
+    softmax is normalised after the product with the values (T×D divisions, not T×S): on CPU the
+    forward and backward of the T×S element-wise work was most of attention's time."""
     b, t, h, d = q_bthd.shape
     kv_heads = keys_bskd.shape[2]
     g = h // kv_heads
     q = (q_bthd * d**-0.5).reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
     keys, values = keys_bskd.transpose(0, 2, 1, 3), values_bskd.transpose(0, 2, 1, 3)
     scores = jnp.einsum("BKMD,BKSD->BKMS", q, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bts[:, None, None], scores.reshape(b, kv_heads, g, t, -1), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kv_heads, g * t, -1)
-    out = jnp.einsum("BKMS,BKSD->BKMD", probs, values).reshape(b, kv_heads, g, t, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
+    bias = jnp.where(mask_bts, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+    scores = scores.reshape(b, kv_heads, g, t, -1) + bias
+    unnormalized = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    out = jnp.einsum("BKMS,BKSD->BKMD", unnormalized.astype(values.dtype).reshape(b, kv_heads, g * t, -1), values,
+                     preferred_element_type=jnp.float32).reshape(b, kv_heads, g, t, d) / total
+    return out.astype(q_bthd.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
 def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window: int | None,

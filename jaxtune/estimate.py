@@ -27,7 +27,8 @@ from flax import nnx
 from jaxtune import attention, lora, quant, sharding
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import config_from_hf, read_hf_config
-from jaxtune.models.llama import REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq
+from jaxtune.models.llama import (REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq,
+                                   rope_tables)
 
 GiB = 1024**3
 MiB = 1024**2
@@ -39,11 +40,12 @@ DEVICES = (
 )
 # How XLA turns traced shapes into bytes; calibrated on XLA:CPU's buffer assignment of the train step
 # (36 configurations: lora/qlora/full x remat none/dots/full x 2 lengths x 2 shapes; worst error 12%)
-# and checked on other shapes by tests/test_estimate.py.
+# and checked on other shapes by tests/test_estimate.py. BLOCKED_SCORE_COPIES refitted for 128-token blocks
+# (24 configurations: lora/full x remat none/dots/full x T = 256..2048: estimate / XLA within 0.87-1.20).
 RESIDUALS_KEPT = 0.82  # share of the traced residual bytes XLA keeps (fusion recomputes the rest)
 LOGIT_COPIES = 2  # float32 logits of one loss chunk: the logits and their cotangent
 LAYER_COTANGENTS = 0.55  # a layer's backward working set, relative to all its forward intermediates
-BLOCKED_SCORE_COPIES = 4  # blocked attention's backward: scores, probabilities, their cotangents
+BLOCKED_SCORE_COPIES = 1.5  # blocked attention's backward: score-sized arrays of all its blocks live at once
 TIED_COPIES = 2  # tied embeddings: the transposed output projection and its cotangent
 HEADROOM = 0.9  # fits = the estimate within 90% of the device: XLA's runtime, fragmentation, workspaces
 
@@ -242,10 +244,12 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
     dropout = cfg.method in lora.LORA_METHODS and cfg.lora.dropout > 0
 
     def forward_and_vjp(x, trainable, frozen, rng, positions, mask):
+        rope = rope_tables(positions, inv_freq, x.dtype)  # outside the layer, as in Llama.hidden_states
+
         def body(x, trainable):
             layer = nnx.merge(graphdef, trainable, frozen)
             segments = positions  # shape only (the values are never computed here)
-            return layer(x, mcfg, positions, segments, mask, inv_freq, rng=rng if dropout else None)[0]
+            return layer(x, mcfg, positions, segments, mask, rope, rng=rng if dropout else None)[0]
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
@@ -358,7 +362,7 @@ def _estimate(cfg, devices: int | None) -> Estimate:
     layer += 2 * _largest_dequantized_kernel(run, act) if cfg.method == "qlora" else 0
     if mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
         heads = -(-mcfg.num_heads // tensor)
-        layer += BLOCKED_SCORE_COPIES * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4
+        layer += int(BLOCKED_SCORE_COPIES * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4)
     parts = {
         "frozen": sum(frozen.values()),
         "trainable": sum(trainable.values()),

@@ -86,7 +86,8 @@ def test_auto_picks_per_platform_and_explicit_choices_are_checked():
     assert attention.resolve("auto", 4096, 4096, "gpu")[0] == "cudnn"  # Mistral's window: not in the Pallas kernel
     assert attention.resolve("auto", 2048, None, "cpu")[0] == "blocked"
     assert attention.resolve("auto", 512, None, "cpu")[0] == "blocked"
-    assert attention.resolve("auto", 256, None, "cpu")[0] == "xla"
+    assert attention.resolve("auto", 128, None, "cpu")[0] == "blocked"
+    assert attention.resolve("auto", 1000, None, "cpu")[0] == "xla"  # no even split into 128-token blocks
     assert attention.resolve("xla", 512, None, "tpu") == ("xla", "xla (model.attention)")
     with pytest.raises(JaxtuneError, match="model.attention='splash' runs on tpu, not cpu; use 'auto'"):
         attention.resolve("splash", 512, None, "cpu")

@@ -116,7 +116,7 @@ def test_no_decay_on_norms_and_biases():
 
 # --- the loop -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attention", ["auto", "blocked"])  # auto is "xla" at T=128 on CPU
+@pytest.mark.parametrize("attention", ["xla", "blocked"])
 def test_resume_is_exact_and_sigterm_checkpoints(tiny_dir, chat_data, tmp_path, monkeypatch, attention):
     straight = tmp_path / "straight"
     train(run_config(tiny_dir, chat_data, straight, **{"model.attention": attention}))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune import attention, quant, sharding, vocab_parallel
 
@@ -30,7 +31,11 @@ DTYPES = ("float32", "bfloat16")  # the compute / storage dtypes jaxtune support
 ROPE_TYPES = ("default", "linear", "llama3")  # the rope scalings rope_inv_freq implements
 REMAT_POLICIES = {  # ModelConfig.remat: what a layer keeps for the backward pass
     "none": None,  # keep every activation: fastest, most memory
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    # keep the outputs of matmuls and of attention (batched matmuls, so not "dots" themselves: without
+    # the name the backward would run each layer's attention forward again just to recover them)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention_out")),
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
 }
 
@@ -92,10 +97,18 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq
 
 
-def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def rope_tables(positions_bt: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, 1, head_dim] of every position's angles. Every layer rotates by the same
+    angles, so they are computed once per forward, outside the layer scan (not per layer and again
+    in each layer's backward)."""
     freqs_btf = positions_bt[..., None].astype(jnp.float32) * inv_freq
     angles_btd = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_btd).astype(x_bthd.dtype), jnp.sin(angles_btd).astype(x_bthd.dtype)
+    return jnp.cos(angles_btd).astype(dtype), jnp.sin(angles_btd).astype(dtype)
+
+
+def apply_rope(x_bthd: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE with the (cos, sin) of `rope_tables`."""
+    cos, sin = rope
     half = x_bthd.shape[-1] // 2
     rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
     return x_bthd * cos + rotated * sin
@@ -185,8 +198,8 @@ class Linear(nnx.Module):
             if dropout_key is not None and self.lora_dropout > 0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-            h = jnp.einsum("ni,ir->nr", x, self.lora_a[...].astype(x.dtype))
-            y = y + self.lora_scale * jnp.einsum("nr,ro->no", h, self.lora_b[...].astype(x.dtype))
+            h = jnp.einsum("ni,ir->nr", x, self.lora_a[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
+            y = y + jnp.einsum("nr,ro->no", h, self.lora_b[...].astype(x.dtype))
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -216,7 +229,7 @@ class LayerStack(nnx.Module):
         self.up_proj = linear(d, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias)
         self.down_proj = linear(cfg.intermediate_size, d, ("mlp", "embed"), cfg.mlp_bias)
 
-    def __call__(self, x_btd, cfg: ModelConfig, positions, segments, mask, inv_freq, kv=None, cache_index=None,
+    def __call__(self, x_btd, cfg: ModelConfig, positions, segments, mask, rope, kv=None, cache_index=None,
                  rng=None):
         """One layer: returns (x, (keys, values)). With `kv` (this layer's cache) the new keys/values
         are written at `cache_index` and attention reads the whole cache through `mask`; without, it
@@ -229,12 +242,13 @@ class LayerStack(nnx.Module):
         q = self.q_proj(h, drop["q_proj"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
         keys = self.k_proj(h, drop["k_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         values = self.v_proj(h, drop["v_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, keys = apply_rope(q, positions, inv_freq), apply_rope(keys, positions, inv_freq)
+        q, keys = apply_rope(q, rope), apply_rope(keys, rope)
         if kv is not None:
             keys = jax.lax.dynamic_update_slice_in_dim(kv[0], keys.astype(kv[0].dtype), cache_index, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(kv[1], values.astype(kv[1].dtype), cache_index, axis=1)
         if kv is None:
             attended = attention.attend(cfg.attention, q, keys, values, positions, segments, cfg.sliding_window, mask)
+            attended = checkpoint_name(attended, "attention_out")
         else:
             attended = attention.masked(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
         x_btd = x_btd + self.o_proj(attended, drop["o_proj"])
@@ -309,14 +323,14 @@ class Llama(nnx.Module):
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segment_ids_bt, cache.index, axis=1)
             mask = attention.mask(positions_bt, segment_ids_bt, kv_pos, kv_seg, cfg.sliding_window)
             kv_layers = (cache.keys, cache.values)
-        inv_freq = rope_inv_freq(cfg)
+        rope = rope_tables(positions_bt, rope_inv_freq(cfg), jnp.dtype(cfg.dtype))
         graphdef, layer_state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
         def body(x, scanned):
             state, kv, layer_rng = scanned
             layer = nnx.merge(graphdef, state)  # one layer's slice of the stack
-            x, new_kv = layer(x, cfg, positions_bt, segment_ids_bt, mask, inv_freq, kv,
+            x, new_kv = layer(x, cfg, positions_bt, segment_ids_bt, mask, rope, kv,
                               None if cache is None else cache.index, layer_rng)
             return x, (new_kv if cache is not None else None)
 
