@@ -1,8 +1,8 @@
 """Causal self-attention over packed rows, behind one function with several backends.
 
 `model.attention` picks one: "xla" (the einsum reference: any backend, materialises the B x H x T x T
-scores), "blocked" (pure JAX: query blocks against only the key blocks they can see, each block
-rematerialised in the backward, so about half the work and a T/block-times smaller peak), "cudnn"
+scores), "blocked" (pure JAX: 128-token query blocks against only the key blocks they can see, each block
+rematerialised in the backward, so about half the work and no T x T residual per layer), "cudnn"
 (`jax.nn.dot_product_attention(implementation="cudnn")`, GPU), "pallas" (the Pallas flash kernel
 with segment ids, `jax.experimental.pallas.ops.gpu.attention`, GPU) and "splash" (splash attention
 with segment ids, `jax.experimental.pallas.ops.tpu.splash_attention`, TPU); "auto" picks the best the
@@ -45,10 +45,10 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
                 return "pallas", "auto: Pallas flash attention with segment ids on GPU"
             why = "sliding window" if window is not None else f"T={seq_len} is not a multiple of 64"
             return "cudnn", f"auto: cuDNN flash attention on GPU ({why}: not in the Pallas kernel)"
-        if _blocks(seq_len, window) is not None:  # faster than the einsum from T = 128, with less memory
+        if seq_len >= BLOCKED_BLOCK and _blocks(seq_len, window) is not None:  # faster than the einsum from T = 128
             block = min(BLOCKED_BLOCK, seq_len // 2)
             return "blocked", f"auto: blocked causal attention ({block}-token blocks) on {platform}"
-        return "xla", f"auto: XLA einsum attention on {platform} (T={seq_len} does not split into blocks)"
+        return "xla", f"auto: XLA einsum attention on {platform} (T={seq_len} is short or does not split into blocks)"
     allowed = PLATFORMS[name]
     if allowed is not None and platform not in allowed:
         raise JaxtuneError(f"model.attention={name!r} runs on {'/'.join(allowed)}, not {platform}; use 'auto' "

@@ -104,8 +104,8 @@ SCHEMA = [
     ("model.dtype", "float32", "compute dtype", DTYPE),
     ("model.param_dtype", "float32", "storage dtype of the (frozen) weights", DTYPE),
     ("model.remat", "auto", "activation recomputation per layer: 'auto' ('dots' on CPU; on an accelerator the least "
-                            "that fits, by the estimate; the run log says which), 'none', 'dots' (keep matmul "
-                            "outputs), 'full' (keep only each layer's input)", one_of("auto", *REMAT_POLICIES)),
+                            "that fits, by the estimate; the run log says which), 'none', 'dots' (keep the outputs of "
+                            "matmuls and attention), 'full' (keep only each layer's input)", one_of("auto", *REMAT_POLICIES)),
     ("model.attention", "auto", "attention backend: 'auto' (the best this platform runs; the run log says which), "
                                 "'xla' (einsum, any platform), 'blocked' (skips masked blocks), 'cudnn' or 'pallas' "
                                 "(GPU), 'splash' (TPU)", one_of(*ATTENTION_BACKENDS)),

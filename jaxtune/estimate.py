@@ -40,8 +40,9 @@ DEVICES = (
 )
 # How XLA turns traced shapes into bytes; calibrated on XLA:CPU's buffer assignment of the train step
 # (36 configurations: lora/qlora/full x remat none/dots/full x 2 lengths x 2 shapes; worst error 12%)
-# and checked on other shapes by tests/test_estimate.py. BLOCKED_SCORE_COPIES refitted for 128-token blocks
-# (24 configurations: lora/full x remat none/dots/full x T = 256..2048: estimate / XLA within 0.87-1.20).
+# and checked on another shape by tests/test_estimate.py. BLOCKED_SCORE_COPIES was refitted for 128-token
+# blocks on that test's shape (lora/full x remat none/dots/full x T = 256..2048: estimate / XLA 0.87-1.20, the
+# worst at T = 2048, full fine-tuning, full remat; 0.87-1.05 at the tested T = 256 and 1024).
 RESIDUALS_KEPT = 0.82  # share of the traced residual bytes XLA keeps (fusion recomputes the rest)
 LOGIT_COPIES = 2  # float32 logits of one loss chunk: the logits and their cotangent
 LAYER_COTANGENTS = 0.55  # a layer's backward working set, relative to all its forward intermediates

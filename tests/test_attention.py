@@ -14,6 +14,7 @@ from jaxtune.errors import JaxtuneError
 B, T, H, K, D = 2, 256, 4, 2, 32
 BACKENDS = {
     "blocked": functools.partial(attention._blocked, block=64),
+    "blocked-128": attention._blocked,  # the default block size, as training uses it
     "cudnn": functools.partial(attention._cudnn, implementation="xla"),
     "pallas": functools.partial(attention._pallas_gpu, interpret=True),
     "splash": functools.partial(attention._splash, interpret=True),
@@ -69,6 +70,42 @@ def test_backend_matches_the_einsum_reference(backend, window):
     for name, g, r in zip("qkv", grads, ref_grads):
         err = float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
         assert err < 1e-5, (name, err)
+
+
+def plain_softmax_attention(q, k, v, mask_bts):
+    """The textbook form, independent of `attention.masked`'s layout and arithmetic: kv heads repeated,
+    scores masked with the lowest float32, `jax.nn.softmax`, all in float32."""
+    k, v = (jnp.repeat(x.astype(jnp.float32), H // K, axis=2) for x in (k, v))
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k) * D**-0.5
+    probs = jax.nn.softmax(jnp.where(mask_bts[:, None], scores, attention.NEG_INF), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * D)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_the_einsum_reference_is_a_plain_masked_softmax(dtype, tolerance):
+    """`masked` (bias, softmax normalised after the values) against the textbook form. Outputs: every
+    row, a padding row (nothing visible) averaging all values in both. Gradients: with the cotangent
+    of padding rows 0, as training gives them (no loss weight, and no real token attends to them);
+    their own gradient is meaningless in either form."""
+    q, k, v = (x.astype(dtype) for x in qkv())
+    positions, segments = packed_rows()
+    mask = attention.mask(positions, segments, positions, segments, 70)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, H * D)), jnp.float32)
+    cotangent = jnp.where((segments != 0)[..., None], cotangent, 0.0)
+    with jax.default_matmul_precision("highest"):
+        out, grads = jax.value_and_grad(lambda *a: jnp.sum(attention.masked(*a, mask).astype(jnp.float32) * cotangent),
+                                        argnums=(0, 1, 2))(q, k, v)
+        ref, ref_grads = jax.value_and_grad(lambda *a: jnp.sum(plain_softmax_attention(*a, mask) * cotangent),
+                                            argnums=(0, 1, 2))(q, k, v)
+    assert out.dtype == jnp.float32 and attention.masked(q, k, v, mask).dtype == dtype
+    assert abs(float(out - ref)) <= tolerance * float(jnp.sum(jnp.abs(cotangent)))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+        assert err < tolerance, (name, err)
+    full = attention.masked(q, k, v, mask).astype(jnp.float32)
+    plain = plain_softmax_attention(q, k, v, mask)
+    assert float(jnp.max(jnp.abs(full - plain))) < tolerance * float(jnp.max(jnp.abs(plain)))
+    assert float(jnp.max(jnp.abs(full[0, 250] - plain[0, 250]))) < tolerance  # padding: the mean of all values
 
 
 def test_the_window_and_the_documents_really_mask():
