@@ -45,8 +45,9 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
                 return "pallas", "auto: Pallas flash attention with segment ids on GPU"
             why = "sliding window" if window is not None else f"T={seq_len} is not a multiple of 64"
             return "cudnn", f"auto: cuDNN flash attention on GPU ({why}: not in the Pallas kernel)"
-        if seq_len >= BLOCKED_BLOCK and _blocks(seq_len, window) is not None:  # faster than the einsum from T = 128
-            block = min(BLOCKED_BLOCK, seq_len // 2)
+        spans = _blocks(seq_len, window)
+        if seq_len >= BLOCKED_BLOCK and spans is not None:  # faster than the einsum from T = 128
+            block = spans[0][0].stop
             return "blocked", f"auto: blocked causal attention ({block}-token blocks) on {platform}"
         return "xla", f"auto: XLA einsum attention on {platform} (T={seq_len} is short or does not split into blocks)"
     allowed = PLATFORMS[name]
