@@ -8,10 +8,14 @@ that names a run, a model or a folder of their own files is refused, never delet
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, TypeVar
@@ -86,9 +90,10 @@ def write_dir(target: str | os.PathLike, build, *, kind: str, overwrite: bool = 
     target = Path(target)
     if keep_existing and target.is_dir():
         return target
-    check_replaceable(target, kind, overwrite=overwrite, flag=flag)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clear_interrupted(target)
+    check_replaceable(target, kind, overwrite=overwrite, flag=flag)
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target, "partial"), dir=target.parent))
     old = None
     try:
         build(tmp)
@@ -97,7 +102,7 @@ def write_dir(target: str | os.PathLike, build, *, kind: str, overwrite: bool = 
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
         if target.exists():  # checked above: empty, or our own export of this kind
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target, "old"), dir=target.parent))
             os.replace(target, old / target.name)
         os.replace(tmp, target)
     except BaseException:
@@ -109,3 +114,36 @@ def write_dir(target: str | os.PathLike, build, *, kind: str, overwrite: bool = 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _scratch_prefix(target: Path, what: str) -> str:
+    """Name of write_dir's scratch directories beside `target`: which process made them, on which host."""
+    return f".{target.name}.{what}-{os.getpid()}@{socket.gethostname()}-"
+
+
+def clear_interrupted(target: Path) -> None:
+    """Remove what a killed write_dir of `target` left beside it (SIGKILL, a power cut: no `finally`
+    ran): its half-built directory, or put back a previous version it had moved aside. Only scratch of
+    processes of this host that are gone is touched; a running one's is its own."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(partial|old)-(\d+)@(.+)-[^-]+$")
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.*-*@*-*")):
+        found = pattern.fullmatch(path.name)
+        if not found or found[3] != socket.gethostname() or _alive(int(found[2])):
+            continue
+        moved_aside = path / target.name
+        if found[1] == "old" and moved_aside.exists() and not target.exists():
+            os.replace(moved_aside, target)
+            print(f"{target}: put back the previous version, moved aside by an interrupted run (process {found[2]})",
+                  file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"{target}: removed {path.name}, left by an interrupted run (process {found[2]})", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

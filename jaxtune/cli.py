@@ -12,6 +12,7 @@ from jaxtune.data.formats import FORMATS, OVERLONG, FormatOptions
 from jaxtune.errors import JaxtuneError
 from jaxtune.ingest import commands as ingest_commands  # prepare, clean: their readers load when they run
 from jaxtune.models.llama import DTYPES
+from jaxtune.quant import BLOCK_SIZES
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; the same command resumes
 
@@ -245,7 +246,7 @@ def _add_model_commands(sub):
                                         "loads and jaxtune trains with method='qlora'")
     p.add_argument("model", help="a dense Hugging Face Llama/Mistral directory")
     p.add_argument("--out", required=True)
-    p.add_argument("--block-size", type=int, default=64, choices=(64, 128, 256), help="weights per NF4 scale")
+    p.add_argument("--block-size", type=int, default=64, choices=BLOCK_SIZES, help="weights per NF4 scale")
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32")
     p.add_argument("--dense-modules", default="", help="linear modules to keep dense, e.g. 'down_proj'")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier `jaxtune quantize` output")

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxtune import attention, lora, quant, sharding
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import config_from_hf, read_hf_config
+from jaxtune.models.hf import config_from_hf, hf_name, read_hf_config
 from jaxtune.models.llama import (REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq,
                                    rope_tables)
 
@@ -79,6 +79,7 @@ class Estimate:
     mesh: dict
     remat: str  # the policy estimated
     remat_why: str = ""  # how model.remat='auto' resolved on this machine ('' when the config names a policy)
+    quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
 
     @property
     def total(self) -> int:
@@ -90,8 +91,9 @@ class Estimate:
     def text(self, devices_table: bool = True) -> str:
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         how = " (model.remat='auto' as resolved here: set it to plan another device)" if self.remat_why else ""
-        lines = [f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}, "
-                 f"remat {self.remat!r}{how}):"]
+        lines = [self.quant_note] if self.quant_note else []
+        lines.append(f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}, "
+                     f"remat {self.remat!r}{how}):")
         for name, size in self.parts.items():
             lines.append(f"  {name:<14} {size / GiB:8.2f} GiB   {self.details.get(name, '')}")
         lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB")
@@ -151,6 +153,7 @@ class AbstractRun:
     frozen: nnx.State
     tx: object
     opt_state: object
+    quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
 
 
 def abstract_run(cfg) -> AbstractRun:
@@ -158,6 +161,8 @@ def abstract_run(cfg) -> AbstractRun:
     from jaxtune.train import optim
 
     hf = read_architecture(cfg.model.path)
+    local = Path(cfg.model.path).expanduser()
+    opts, quant_note = lora.quant_options(cfg, hf, local if local.is_dir() else None)
     mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           source=f"{cfg.model.path}/config.json")
     try:  # the backend training here would use; a kernel named for another platform is estimated as is
@@ -165,7 +170,6 @@ def abstract_run(cfg) -> AbstractRun:
     except JaxtuneError:
         backend = cfg.model.attention
     mcfg = dataclasses.replace(mcfg, attention=backend)
-    opts = lora.quant_options(cfg)
     run = cfg.to_dict()
     init_from = run["lora"]["init_from"]
     if init_from:  # the adapter's rank and targets win, as in training
@@ -179,6 +183,8 @@ def abstract_run(cfg) -> AbstractRun:
         for name in opts.modules if opts else ():
             linear = getattr(model.layers, name)
             layers, d_in, d_out = linear.kernel.shape
+            quant.check_rows(f"{cfg.model.path}: {hf_name(('layers', name, 'kernel'), 0)}", d_in, opts.blocksize,
+                             module=name, block_key="quant.block_size=", dense_key="quant.dense_modules=")
             linear.kernel = NF4Kernel(_nf4_placeholder(layers, (d_out, d_in), opts), linear.kernel.axes)
         lora.attach_from_config(model, run)
         return model
@@ -187,7 +193,7 @@ def abstract_run(cfg) -> AbstractRun:
     tx = optim.optimizer(optax.constant_schedule(1e-4), weight_decay=cfg.train.weight_decay,
                          max_grad_norm=cfg.train.max_grad_norm, b1=cfg.train.b1, b2=cfg.train.b2,
                          grad_accum_steps=cfg.train.grad_accum_steps)
-    return AbstractRun(mcfg, graphdef, trainable, frozen, tx, jax.eval_shape(tx.init, trainable))
+    return AbstractRun(mcfg, graphdef, trainable, frozen, tx, jax.eval_shape(tx.init, trainable), quant_note)
 
 
 def per_device_bytes(state, mesh) -> dict:
@@ -385,4 +391,4 @@ def _estimate(cfg, devices: int | None) -> Estimate:
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
-    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat)
+    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, quant_note=run.quant_note)

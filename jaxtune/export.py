@@ -3,6 +3,8 @@ library that will load it (the parity gate), written to a temporary directory an
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,9 @@ from jaxtune import lora, quant
 from jaxtune.atomic import check_replaceable, write_dir
 from jaxtune.errors import JaxtuneError
 from jaxtune.paths import is_remote, run_path
-from jaxtune.models.hf import (HF_MODEL_KIND, from_pretrained, is_bnb_4bit, load_tokenizer, read_hf_config,
-                               refuse_custom_code, write_hf_files)
-from jaxtune.models.llama import Llama
+from jaxtune.models.hf import (HF_MODEL_KIND, bnb_4bit_options, from_pretrained, is_bnb_4bit,
+                               load_tokenizer, read_hf_config, refuse_custom_code, write_hf_files)
+from jaxtune.models.llama import LINEAR_MODULES, Llama
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 EXPORT_KINDS = {"merged": HF_MODEL_KIND, "adapter": "peft-adapter"}  # --merged/--adapter -> marker kind
@@ -27,11 +29,10 @@ def load_run(workdir, *, step: int | None = None, best: bool = False) -> tuple[L
     workdir = run_path(workdir)
     cfg = read_run_config(workdir)
     base = cfg["model"]["path"]
-    # A bitsandbytes 4-bit base stays NF4, as transformers + peft will run it; a QLoRA run on a dense
-    # base exports against that dense base (the adapter applies to it; merging folds into it).
-    stored_4bit = is_bnb_4bit(read_hf_config(base))
-    model = from_pretrained(base, dtype="float32", param_dtype="float32",
-                            quantize=quant.QuantOptions(()) if stored_4bit else None)
+    # The model as trained: a QLoRA base in NF4 (a bitsandbytes base as stored, a dense one quantized
+    # again as the run did, bit for bit), so that merging folds the delta into what was trained.
+    cfg["quant_effective"], _ = lora.quant_options(cfg, read_hf_config(base), base)
+    model = from_pretrained(base, dtype="float32", param_dtype="float32", quantize=cfg["quant_effective"])
     cfg["lora_effective"] = lora.attach_from_config(model, cfg)
     graphdef, trainable, frozen = lora.split_trainable(model, cfg["method"], cfg["lora"]["modules_to_save"])
     checkpoints = Checkpoints(workdir, cfg["checkpoint"]["keep"], read_only=True)  # a training may be saving
@@ -136,7 +137,8 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
             write_hf_files(model, tmp, tokenizer_from=base_dir)
         (tmp / "README.md").write_text(model_card(kind, out.name, cfg, step, workdir, lora_shape))
         if verify:
-            result["parity_rel_err"] = verify_export(tmp, kind, base_dir, samples, expected, dtype, name=out)
+            result["parity_rel_err"] = verify_export(tmp, kind, base_dir, samples, expected, dtype, name=out,
+                                                     quantize_base=_requantized_base(cfg))
 
     write_dir(out, build, kind=EXPORT_KINDS[kind], overwrite=overwrite, flag="--overwrite")
     return result
@@ -150,9 +152,23 @@ def model_card(kind: str, name: str, cfg: dict, step: int, workdir, lora_shape: 
     tags = [f"base_model:{'adapter' if adapter else 'finetune'}:{base}", cfg["method"], "jaxtune"]
     front = ["---", f"base_model: {base}", f"library_name: {'peft' if adapter else 'transformers'}",
              "pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags], "---", ""]
-    if adapter:
+    nf4 = _requantized_base(cfg) if adapter else None
+    skip = [m for m in LINEAR_MODULES if m not in nf4.modules] if nf4 else []
+    if nf4 is not None and nf4.blocksize == quant.BLOCKSIZE:  # trained on the base in NF4: load it so
+        load = ["import torch", "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, BitsAndBytesConfig", "",
+                "nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
+                f"bnb_4bit_use_double_quant={nf4.double_quant}, bnb_4bit_compute_dtype=torch.float32"
+                + (f", llm_int8_skip_modules={['lm_head', *skip]}" if skip else "") + ")",
+                f'base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=nf4)',
+                f'model = PeftModel.from_pretrained(base, "{name}")']
+    elif adapter:
+        base_dir = base if nf4 is None else f"{base}-nf4"  # another block size: `jaxtune quantize` writes it
         load = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-                f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                *([f"# {base_dir}: jaxtune quantize {base} --out {base_dir} --block-size {nf4.blocksize}"
+                   + " --no-double-quant" * (not nf4.double_quant)
+                   + (f" --dense-modules {','.join(skip)}" if skip else "")] if nf4 else []),
+                f'base = AutoModelForCausalLM.from_pretrained("{base_dir}")',
                 f'model = PeftModel.from_pretrained(base, "{name}")']
     else:
         load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -187,35 +203,109 @@ def _cast(model: Llama, dtype: str) -> None:
     model.cfg = dataclasses.replace(model.cfg, param_dtype=dtype)
 
 
-def verify_export(out: Path, kind: str, base_dir, samples, expected, dtype: str, name=None) -> float:
-    """Load the export with transformers (and peft) and compare logits; fail above the tolerance."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        print("verify: torch/transformers not installed; skipped (pip install 'jaxtune[test]')")
-        return float("nan")
-    if kind == "merged":
-        reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).eval()
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=False)
-        reference = PeftModel.from_pretrained(base, out).eval()
-    return _gate(f"{name or out} ({kind}, loaded by {'peft' if kind == 'adapter' else 'transformers'})",
-                 max_rel_err(expected, reference, samples), dtype,
-                 "the export does not reproduce the trained model; keep the checkpoint and report this")
+def _requantized_base(cfg: dict) -> quant.QuantOptions | None:
+    """A QLoRA run on a dense base trained on that base in NF4: its adapter is checked on the base
+    quantized the same way (bitsandbytes' format, bit for bit), as QLoRA users load it."""
+    opts = cfg["quant_effective"]
+    return opts if opts and not is_bnb_4bit(read_hf_config(cfg["model"]["path"])) else None
 
 
-def verify_model(model_dir, dtype="float32") -> float:
-    """`jaxtune verify MODEL_DIR`: jaxtune's logits against transformers' on the same directory."""
+BNB_CPU_FAST_PATH = "support_avx512bf16_for_cpu"  # bitsandbytes' private per-module switch (0.49, 0.50)
+
+
+def bnb_4bit_layers(model) -> list:
+    """The bitsandbytes `Linear4bit` modules of a torch model."""
+    bnb = sys.modules.get("bitsandbytes")  # no Linear4bit can exist before bitsandbytes is imported
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)] if bnb is not None else []
+
+
+def bnb_float32_layers(model) -> int:
+    """Make every bitsandbytes `Linear4bit` of a torch model compute in float32, as its
+    `bnb_4bit_compute_dtype` says, and return how many there are. On a CPU with AVX512-BF16,
+    bitsandbytes >= 0.49 repacks a 4-bit weight on its first eval forward without gradients and computes
+    it in bfloat16 whatever that dtype (1e-2 off float32; a model saved afterwards has re-quantized scales).
+    No public switch exists, so the per-module attribute that enables the repack is cleared, before the
+    first forward; tests/test_quant.py fails naming it if a release renames it."""
+    layers = bnb_4bit_layers(model)
+    for layer in layers:
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("bnb_float32_layers: a Linear4bit already ran its bfloat16 CPU path; call it first")
+        if not hasattr(layer, BNB_CPU_FAST_PATH):
+            print(f"verify: bitsandbytes {sys.modules['bitsandbytes'].__version__} has no Linear4bit."
+                  f"{BNB_CPU_FAST_PATH}; its 4-bit layers may compute in bfloat16 on this CPU")
+            break
+        setattr(layer, BNB_CPU_FAST_PATH, False)
+    return len(layers)
+
+
+def reference_model(model_dir, adapter=None, dtype: str = "float32"):
+    """transformers' model of `model_dir` computing in float32 (weights stored in `dtype`; a bitsandbytes
+    4-bit one on its float32 path), with the PEFT `adapter` applied if given; no code from the directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    ours = from_pretrained(model_dir, dtype=dtype)
-    reference = AutoModelForCausalLM.from_pretrained(refuse_custom_code(Path(model_dir)), dtype=getattr(torch, dtype),
-                                                     trust_remote_code=False).float().eval()
+    model = AutoModelForCausalLM.from_pretrained(refuse_custom_code(Path(model_dir)), dtype=getattr(torch, dtype),
+                                                 trust_remote_code=False)
+    if dtype != "float32":
+        model = model.float()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    bnb_float32_layers(model)
+    return model.eval()
+
+
+def _advice(reference, what: str) -> str:
+    """What a failed gate says: with bitsandbytes in the reference, the likely cause is its arithmetic."""
+    if not bnb_4bit_layers(reference):
+        return what
+    return (f"{what}. The reference runs bitsandbytes {sys.modules['bitsandbytes'].__version__} 4-bit layers, the "
+            "likely cause: a bitsandbytes release computing them other than in float32 on this CPU (jaxtune turns "
+            "off the bfloat16 CPU path of 0.49-0.50); --no-verify writes the export without this check")
+
+
+def verify_export(out: Path, kind: str, base_dir, samples, expected, dtype: str, name=None,
+                  quantize_base: quant.QuantOptions | None = None) -> float:
+    """Load the export with transformers (and peft) and compare logits; fail above the tolerance.
+    `quantize_base`: check an adapter on the base quantized so (a QLoRA run on a dense base)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("verify: torch/transformers not installed; skipped (pip install 'jaxtune[test]')")
+        return float("nan")
+
+    def check(reference) -> float:
+        return _gate(f"{name or out} ({kind}, loaded by {'peft' if kind == 'adapter' else 'transformers'})",
+                     max_rel_err(expected, reference, samples), dtype,
+                     _advice(reference, "the export does not reproduce the trained model; keep the checkpoint "
+                                        "and report this"))
+
+    if kind == "merged":
+        return check(reference_model(out))
+    if quantize_base is None:
+        return check(reference_model(base_dir, adapter=out))
+    from jaxtune.models.bnb import quantize_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix=".nf4-base.", dir=out.parent) as tmp:
+        return check(reference_model(quantize_checkpoint(base_dir, Path(tmp) / "base", quantize_base), adapter=out))
+
+
+def verify_model(model_dir, dtype="float32") -> float:
+    """`jaxtune verify MODEL_DIR`: jaxtune's logits against transformers' on the same directory (a
+    bitsandbytes 4-bit one as stored, against transformers + bitsandbytes on its float32 path)."""
+    model_dir = refuse_custom_code(Path(model_dir))
+    stored = bnb_4bit_options(read_hf_config(model_dir), model_dir)
+    if stored:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise JaxtuneError(f"{model_dir}: a bitsandbytes 4-bit checkpoint; transformers needs bitsandbytes to "
+                               "compute it (pip install bitsandbytes), so it cannot be compared here")
+    ours = from_pretrained(model_dir, dtype=dtype, quantize=stored)
+    reference = reference_model(model_dir, dtype="float32" if stored else dtype)
     samples = sample_tokens(model_dir, None)
     expected = [np.asarray(ours(np.array([ids])), np.float32) for ids in samples]
     return _gate(f"{model_dir} (jaxtune vs transformers)", max_rel_err(expected, reference, samples), dtype,
-                 "jaxtune does not compute this checkpoint as transformers does; please report it")
+                 _advice(reference, "jaxtune does not compute this checkpoint as transformers does; please report it"))

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from jaxtune import quant
 from jaxtune.config import split_list
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import hf_module, hf_name
+from jaxtune.models.hf import bnb_4bit_options, hf_module, hf_name, needs_qlora
 from jaxtune.models.llama import LINEAR_MODULES, Linear, Llama, NF4Kernel
 
 # modules_to_save: HF module name -> our parameter ({"embed_tokens": "embed", "lm_head": "lm_head"})
@@ -89,13 +89,40 @@ def trainable_filter(method: str, modules_to_save: str = "", *, tied: bool = Fal
     return nnx.Any(nnx.LoRAParam, *saved)
 
 
-def quant_options(cfg) -> quant.QuantOptions | None:
-    """What `method = "qlora"` quantizes: every linear module's frozen kernel but quant.dense_modules."""
-    if cfg.method != "qlora":
-        return None
-    dense = set(split_list(cfg.quant.dense_modules))
-    return quant.QuantOptions(tuple(m for m in LINEAR_MODULES if m not in dense), cfg.quant.block_size,
-                              cfg.quant.double_quant)
+def quant_options(cfg, hf: dict, model_dir=None) -> tuple[quant.QuantOptions | None, str]:
+    """The frozen base's NF4 as the run `cfg` has it, and a line for the run log when the checkpoint
+    decides. `method = "qlora"` on a dense base quantizes every linear module's kernel but
+    quant.dense_modules; a bitsandbytes 4-bit base is trained as stored (its block size, double
+    quantization and 4-bit modules: re-quantizing would change the model), and the line names each
+    quant.* key that says otherwise. A dense method on a 4-bit base is refused.
+    `hf`: the base's config.json; `model_dir`: its local directory, whose records give the exact
+    settings (without it, config.json's)."""
+    stored = bnb_4bit_options(hf, model_dir)
+    if cfg["method"] != "qlora":
+        if stored:
+            raise needs_qlora(model_dir or cfg["model"]["path"], stored)
+        return None, ""
+    q = cfg["quant"]
+    dense = split_list(q["dense_modules"])
+    asked = quant.QuantOptions(tuple(m for m in LINEAR_MODULES if m not in dense), q["block_size"], q["double_quant"])
+    if stored is None:
+        return asked, ""
+    stored_dense = [m for m in LINEAR_MODULES if m not in stored.modules]
+    differ = [f"{key}={mine!r} (the checkpoint's: {theirs!r})" for key, mine, theirs, same in (
+        ("quant.block_size", asked.blocksize, stored.blocksize, asked.blocksize == stored.blocksize),
+        ("quant.double_quant", asked.double_quant, stored.double_quant, asked.double_quant == stored.double_quant),
+        ("quant.dense_modules", q["dense_modules"], ",".join(stored_dense), set(dense) == set(stored_dense)))
+        if not same]
+    note = f"quant: the base is already NF4 ({describe_quant(stored)}); it trains as stored"
+    if differ:
+        note += "; these keys do not apply to it: " + ", ".join(differ)
+    return stored, note
+
+
+def describe_quant(opts: quant.QuantOptions) -> str:
+    """'blocks of 64, double quantization, on q_proj, k_proj, ...', as the run log says it."""
+    return (f"blocks of {opts.blocksize}, {'double quantization' if opts.double_quant else 'float32 scales'}, "
+            f"on {', '.join(opts.modules)}")
 
 
 def split_trainable(model: Llama, method: str, modules_to_save: str = ""):

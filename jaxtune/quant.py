@@ -29,6 +29,7 @@ NF4_CODE = np.array([
 ], np.float32)
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
+BLOCK_SIZES = (64, 128, 256)  # what `quant.block_size` and `jaxtune quantize --block-size` offer
 
 
 def _linspace_like_torch(start: float, end: float, n: int) -> np.ndarray:
@@ -71,6 +72,20 @@ def _blockwise_codes(flat: np.ndarray, code: np.ndarray, blocksize: int) -> tupl
     scaled = np.clip(np.concatenate(scaled), -1, 1).astype(np.float32)
     midpoints = (code[:-1] + code[1:]) / np.float32(2.0)
     return np.searchsorted(midpoints, scaled, side="left").astype(np.uint8), absmax
+
+
+def check_rows(name: str, rows: int, blocksize: int, *, block_key: str, dense_key: str, module: str) -> None:
+    """jaxtune trains NF4 weights whose blocks never straddle two rows (a row's scales then belong to it,
+    so sharding the `out` axis shards codes and scales alike): refuse a weight whose rows of `rows`
+    values `blocksize` does not divide, naming the block sizes that would work, or keeping it dense.
+    `block_key`, `dense_key`: how the user sets them ('quant.block_size=' or '--block-size ')."""
+    if rows % blocksize == 0:
+        return
+    fits = [f"{block_key}{b}" for b in BLOCK_SIZES if rows % b == 0]
+    choose = (f"use {' or '.join(fits)}" if fits else
+              f"no NF4 block size jaxtune offers ({', '.join(map(str, BLOCK_SIZES))}) divides it")
+    raise JaxtuneError(f"{name} has rows of {rows} values, which NF4 block size {blocksize} does not divide: "
+                       f"{choose}, or keep {module} dense with {dense_key}{module}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,6 +130,44 @@ def write_config_file(path, cfg):
     return path
 
 
+# bitsandbytes' bfloat16 CPU path for its 4-bit layers (on by default on a CPU with AVX512-BF16): every
+# reference jaxtune computes with bitsandbytes must be on its float32 path whatever the CPU. This variable
+# forces the default for the whole session, so one machine checks both kinds of CPU:
+# JAXTUNE_TEST_BNB_CPU_FAST_PATH=on|off make test (unset: this CPU's own default).
+BNB_FAST_PATH_ENV = "JAXTUNE_TEST_BNB_CPU_FAST_PATH"
+
+
+def force_bnb_cpu_fast_path(mode: str, patcher: pytest.MonkeyPatch) -> None:
+    """Linear4bit modules built from now on take the bfloat16 CPU path (mode 'on', as on an AVX512-BF16
+    CPU) or not ('off', as on any other), whatever this CPU is."""
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    if mode == "on" and not bitsandbytes.functional.has_avx512bf16():
+        pytest.skip("bitsandbytes has its bfloat16 CPU kernels only on a CPU with AVX512-BF16")
+    patcher.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: mode == "on")  # what Linear4bit asks
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bnb_cpu_fast_path_for_session():
+    mode = os.environ.get(BNB_FAST_PATH_ENV)
+    if not mode:
+        yield None
+        return
+    if mode not in ("on", "off"):
+        pytest.exit(f"{BNB_FAST_PATH_ENV}={mode!r}: use 'on' or 'off'", returncode=4)
+    with pytest.MonkeyPatch.context() as patcher:
+        force_bnb_cpu_fast_path(mode, patcher)
+        yield mode
+
+
+@pytest.fixture(params=["on", "off"])
+def bnb_cpu_fast_path(request, monkeypatch):
+    """The test runs twice: bitsandbytes' bfloat16 CPU path forced on, then off."""
+    force_bnb_cpu_fast_path(request.param, monkeypatch)
+    return request.param
+
+
 def pytest_unconfigure(config):
     if CREATED_CACHE:
         shutil.rmtree(CREATED_CACHE, ignore_errors=True)

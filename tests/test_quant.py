@@ -116,3 +116,43 @@ def test_gradient_through_nf4_equals_dense_and_keeps_no_dense_copy():
     _, vjp = jax.vjp(lambda x: quant.matmul(x, nf4), x)
     residual_shapes = {tuple(np.shape(leaf)) for leaf in jax.tree.leaves(vjp)}
     assert (96, 128) not in residual_shapes and (128, 96) not in residual_shapes, residual_shapes
+
+
+def test_bitsandbytes_reference_layers_compute_in_float32_on_any_cpu(bnb_cpu_fast_path):
+    """On a CPU with AVX512-BF16 bitsandbytes repacks a Linear4bit's weight on its first eval forward and
+    computes in bfloat16 (and a save afterwards writes re-quantized scales). jaxtune turns that off on
+    every reference model through a private attribute: this fails, naming it, if a release renames it."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    from jaxtune.export import BNB_CPU_FAST_PATH, bnb_float32_layers
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4", module=layer)
+    layer = layer.to("cpu").eval()
+    assert hasattr(layer, BNB_CPU_FAST_PATH), (
+        f"bitsandbytes {bnb.__version__}: Linear4bit has no attribute {BNB_CPU_FAST_PATH!r} any more; find the switch "
+        "of its bfloat16 CPU path and set it in jaxtune.export.bnb_float32_layers")
+    x = torch.randn(5, 128)
+    dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)  # bitsandbytes' own float32 weights
+    expected = x @ dense.T
+    untouched = copy.deepcopy(layer)  # the attribute still decides whether the repack happens
+    with torch.no_grad():
+        untouched(x)
+    assert getattr(untouched.weight.quant_state, "packing_format_for_cpu", False) == (bnb_cpu_fast_path == "on")
+
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert bnb_float32_layers(layer) == 1
+    with torch.no_grad():
+        y = layer(x)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert float((y - expected).norm() / expected.norm()) < 1e-6
+    state = layer.weight.quant_state
+    ours = np.asarray(quant.dequantize(quant.NF4(layer.weight.data.numpy().reshape(-1), state.absmax.numpy(), (64, 128),
+                                                 state.blocksize, state.state2.absmax.numpy(), state.offset.numpy())))
+    np.testing.assert_array_equal(ours, dense.numpy())  # jaxtune's dequantization is bitsandbytes' float32 path
+    after = layer.state_dict()
+    assert saved.keys() == after.keys() and all(torch.equal(saved[k], after[k]) for k in saved)
+

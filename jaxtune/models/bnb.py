@@ -19,12 +19,12 @@ import numpy as np
 from jaxtune import quant
 from jaxtune.atomic import check_replaceable, write_dir
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.hf import (BNB_STATE_SUFFIX, SHARD_BYTES, TOKENIZER_FILES, SafetensorsIndex, config_from_hf,
-                               hf_name, is_bnb_4bit, read_hf_config, resolve_model_path, write_safetensors)
+from jaxtune.models.hf import (BNB_STATE_SUFFIX, FLOAT_DTYPES, SHARD_BYTES, TOKENIZER_FILES, SafetensorsIndex,
+                               check_quantizable, config_from_hf, hf_name, is_bnb_4bit, read_hf_config,
+                               resolve_model_path, write_safetensors)
 from jaxtune.models.llama import LINEAR_MODULES
 
 BNB_MODEL_KIND = "bnb-4bit-model"  # the marker kind of directories `jaxtune quantize` writes
-FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names -> torch's
 
 
 def nf4_tensors(name: str, nf4: quant.NF4, dtype: str) -> dict:
@@ -64,17 +64,10 @@ def quantize_checkpoint(model_dir, out, opts: quant.QuantOptions, *, overwrite: 
         raise JaxtuneError(f"{src}: already a bitsandbytes 4-bit checkpoint; quantize the dense model instead")
     cfg = config_from_hf(hf, source=str(src / "config.json"))
     tensors = SafetensorsIndex(src)
+    for module in opts.modules:
+        check_quantizable(tensors, module, cfg.num_layers, opts.blocksize, block_key="--block-size ",
+                          dense_key="--dense-modules ")
     quantized = {hf_name(("layers", m, "kernel"), i) for m in opts.modules for i in range(cfg.num_layers)}
-    for name in sorted(quantized):
-        if name not in tensors:
-            raise JaxtuneError(f"{src}: tensor {name} is missing from the safetensors files")
-        rows = tensors.shape(name)[1]
-        if rows % opts.blocksize:
-            raise JaxtuneError(f"{src}: {name} has rows of {rows} values, which block size {opts.blocksize} does "
-                               "not divide; choose --block-size 64 (or keep the module dense with --dense-modules)")
-        if tensors.dtype(name) not in FLOAT_DTYPES:
-            raise JaxtuneError(f"{src}: {name} is stored as {tensors.dtype(name)}; jaxtune quantizes float32, "
-                               "bfloat16 and float16 weights")
 
     def named_arrays():
         for name in sorted(tensors.where):

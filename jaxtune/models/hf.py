@@ -215,11 +215,10 @@ def load_params(abstract: Llama, path: Path, mesh: Mesh | None, quantize: quant.
     cfg: ModelConfig = abstract.cfg
     tensors = SafetensorsIndex(path)
     graphdef, state = nnx.split(abstract)
-    stored_4bit = bnb_quantized_modules(read_hf_config(path), tensors)
+    stored_4bit = bnb_4bit_options(read_hf_config(path), path)
     if stored_4bit and quantize is None:
-        raise JaxtuneError(f"{path}: a bitsandbytes 4-bit checkpoint ({', '.join(stored_4bit)} in NF4): train it with "
-                           "method='qlora', or point model.path at the dense model")
-    stored = {("layers", name, "kernel") for name in stored_4bit}  # their `weight` is packed codes, not [out, in]
+        raise needs_qlora(path, stored_4bit)
+    stored = {("layers", name, "kernel") for name in (stored_4bit.modules if stored_4bit else ())}  # their `weight` is packed codes, not [out, in]
     quantized = stored | {("layers", name, "kernel") for name in (quantize.modules if quantize else ())}
     flat = []
     for var_path, var in nnx.to_flat_state(state):
@@ -292,11 +291,48 @@ def is_bnb_4bit(hf: dict) -> bool:
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
-def bnb_quantized_modules(hf: dict, tensors: SafetensorsIndex) -> tuple:
-    """The linear modules a bitsandbytes 4-bit checkpoint stores in 4 bits (none for other checkpoints)."""
+def bnb_4bit_options(hf: dict, model_dir: Path | None = None) -> quant.QuantOptions | None:
+    """How a bitsandbytes 4-bit checkpoint is quantized (None for a dense one): its NF4 modules, block
+    size and double quantization, from the record of its first 4-bit weight in `model_dir`; from
+    config.json's `quantization_config` alone without the directory (transformers' block size, 64)."""
     if not is_bnb_4bit(hf):
-        return ()
-    return tuple(m for m in LINEAR_MODULES if f"{hf_name(('layers', m, 'kernel'), 0)}{BNB_STATE_SUFFIX}" in tensors)
+        return None
+    q = hf["quantization_config"]
+    tensors = SafetensorsIndex(Path(model_dir)) if model_dir is not None else None
+    if tensors is None:
+        skipped = q.get("llm_int8_skip_modules") or ()
+        return quant.QuantOptions(tuple(m for m in LINEAR_MODULES if m not in skipped), quant.BLOCKSIZE,
+                                  bool(q.get("bnb_4bit_use_double_quant")))
+    modules = tuple(m for m in LINEAR_MODULES if f"{hf_name(('layers', m, 'kernel'), 0)}{BNB_STATE_SUFFIX}" in tensors)
+    if not modules:
+        raise JaxtuneError(f"{tensors.path}: config.json says bitsandbytes 4-bit, but no linear weight has a "
+                           f"{BNB_STATE_SUFFIX} record; the checkpoint is incomplete")
+    first = bnb_nf4(tensors, hf_name(("layers", modules[0], "kernel"), 0))
+    return quant.QuantOptions(modules, first.blocksize, first.nested_absmax is not None)
+
+
+def needs_qlora(path, stored: quant.QuantOptions) -> JaxtuneError:
+    """The one answer to a dense method (lora, full) on a bitsandbytes 4-bit checkpoint."""
+    return JaxtuneError(f"{path}: a bitsandbytes 4-bit checkpoint ({', '.join(stored.modules)} in NF4): train it "
+                        "with method='qlora', or point model.path at the dense model")
+
+
+FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names -> torch's
+
+
+def check_quantizable(tensors: SafetensorsIndex, module: str, layers: int, blocksize: int, *, block_key: str,
+                      dense_key: str) -> None:
+    """What `method='qlora'` (quantizing while loading) and `jaxtune quantize` both require of a dense
+    module's weights: stored as floats, in rows its NF4 blocks do not straddle."""
+    for i in range(layers):
+        name = hf_name(("layers", module, "kernel"), i)
+        if name not in tensors:
+            raise JaxtuneError(f"{tensors.path}: tensor {name} is missing from the safetensors files")
+        if tensors.dtype(name) not in FLOAT_DTYPES:
+            raise JaxtuneError(f"{tensors.path}: {name} is stored as {tensors.dtype(name)}; jaxtune quantizes "
+                               f"float32, bfloat16 and float16 weights (or keep {module} dense with {dense_key}{module})")
+        quant.check_rows(f"{tensors.path}: {name}", tensors.shape(name)[1], blocksize, module=module,
+                         block_key=block_key, dense_key=dense_key)
 
 
 def _nf4_kernel(tensors: SafetensorsIndex, var_path: tuple, axes: tuple, shape: tuple, opts: quant.QuantOptions,
@@ -306,6 +342,8 @@ def _nf4_kernel(tensors: SafetensorsIndex, var_path: tuple, axes: tuple, shape: 
     if f"{hf_name(var_path, 0)}{BNB_STATE_SUFFIX}" in tensors:  # a bitsandbytes checkpoint: taken as it is
         per_layer = [bnb_nf4(tensors, hf_name(var_path, i)) for i in range(shape[0])]
     else:
+        check_quantizable(tensors, var_path[1], shape[0], opts.blocksize, block_key="quant.block_size=",
+                          dense_key="quant.dense_modules=")
         per_layer = [quant.quantize(np.asarray(tensors.read(hf_name(var_path, i)), np.float32),
                                     blocksize=opts.blocksize, double_quant=opts.double_quant) for i in range(shape[0])]
     want = (shape[2], shape[1])  # torch's [out, in] of our [layers, in, out]

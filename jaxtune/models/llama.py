@@ -168,6 +168,13 @@ class NF4Kernel(nnx.Module):
         return quant.matmul(x, nf4)
 
 
+def parameter_count(model: nnx.Module) -> int:
+    """The weights a model computes with: an NF4 kernel counts the dense weights it stands for, not
+    its packed bytes and scales (so QLoRA and LoRA of one model report the same size)."""
+    dense = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return dense + sum(math.prod(m.shape) for _, m in nnx.iter_modules(model) if isinstance(m, NF4Kernel))
+
+
 class Linear(nnx.Module):
     """x @ kernel (+ bias) (+ LoRA). kernel is [layers, in, out]; inside the layer scan [in, out].
     For QLoRA the kernel is an `NF4Kernel` (frozen, 4-bit) instead of a Param.

@@ -38,6 +38,7 @@ from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
 from jaxtune.estimate import check_fits
 from jaxtune.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config, resolve_model_path
+from jaxtune.models.llama import parameter_count
 from jaxtune.paths import run_path
 from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
@@ -82,6 +83,7 @@ class Model:
     vocab_size: int
     remat: str  # model.remat and model.attention as resolved for this platform ('auto' never)
     attention: str
+    quant: dict | None = None  # the NF4 base as trained (a bitsandbytes base's own settings), for config.json
 
 
 @dataclasses.dataclass
@@ -155,23 +157,29 @@ def setup_model(cfg, model_dir: str) -> Model:
         raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
                            f"mesh data x fsdp = {batch_ways}")
     remat = check_fits(cfg, model_dir).remat
-    window = config_from_hf(read_hf_config(model_dir)).sliding_window
+    hf = read_hf_config(model_dir)
+    window = config_from_hf(hf).sliding_window
     backend, why = attention.resolve(cfg.model.attention, cfg.data.seq_len, window)
     print(f"attention: {why}")
     if cfg.model.verify:
         from jaxtune.export import verify_model
 
         verify_model(model_dir)
+    opts, _ = lora.quant_options(cfg, hf, model_dir)  # check_fits printed its note
     model = from_pretrained(model_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=remat, attention=backend, mesh=mesh, quantize=lora.quant_options(cfg))
+                            remat=remat, attention=backend, mesh=mesh, quantize=opts)
     lora.attach_from_config(model, cfg.to_dict())
+    n_total = parameter_count(model)
     graphdef, trainable, frozen = lora.split_trainable(model, cfg.method, cfg.lora.modules_to_save)
     trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-    n_total = n_trainable + sum(x.size for x in jax.tree.leaves(frozen))
-    print(f"model {model_dir}: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
-          f"({cfg.method}), mesh {dict(mesh.shape)}")
-    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size, remat, backend)
+    print(f"model {model_dir}: {n_total:,} parameters, {n_trainable:,} trainable ({n_trainable / 1e6:.2f}M, "
+          f"{cfg.method}), mesh {dict(mesh.shape)}")
+    quant = None
+    if opts:
+        print(f"frozen base in NF4: {lora.describe_quant(opts)}")
+        quant = {"block_size": opts.blocksize, "double_quant": opts.double_quant, "modules": list(opts.modules)}
+    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size, remat, backend, quant)
 
 
 def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:
@@ -441,7 +449,8 @@ def train(cfg, *, progress=None) -> dict:
         if distributed.is_main():
             write_text(workdir / "config.json", json.dumps({**cfg.to_dict(), "identity": identity,
                                                             "resolved": {**opt.resolved, "remat": model.remat,
-                                                                         "attention": model.attention}},
+                                                                         "attention": model.attention,
+                                                                         "quant": model.quant}},
                                                             indent=2))
         log = MetricsLog(workdir, state.step if state.last_saved is not None else None, cfg.log.tensorboard,
                          writer=distributed.is_main())
