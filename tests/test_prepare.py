@@ -34,6 +34,30 @@ def test_html_keeps_the_article_text_only():
     assert stats.rows_in == 1
 
 
+@pytest.mark.parametrize("page", ["rustdoc_mem_swap.html", "rustdoc_iter.html"])
+def test_html_keeps_every_line_of_preformatted_code(page):
+    """Real rustdoc pages (Debian's rust-doc 1.63, MIT/Apache-2.0): each multi-line <pre> block, highlighted
+    code in <span>s, comes out with every line and indent; the prose around it is still collapsed."""
+    from bs4 import BeautifulSoup
+
+    html = (RAW / page).read_text(encoding="utf-8")
+    blocks = [pre.get_text().removeprefix("\n").rstrip() for pre in BeautifulSoup(html, "html.parser").main.find_all("pre")]
+    blocks = [b for b in blocks if "\n" in b]
+    assert len(blocks) >= 1
+    [text] = [r["text"] for r in read(RAW / page)[0]]
+    assert [b for b in blocks if b not in text] == []
+    assert "let mut x = 5;\nlet mut y = 42;\n\nmem::swap(&mut x, &mut y);" in text or page != "rustdoc_mem_swap.html"
+    prose = [line for line in text.split("\n") if line and not any(line in b for b in blocks)]
+    assert prose and not [line for line in prose if "  " in line or line != line.strip()]
+
+
+def test_html_table_rows_one_per_line_cells_apart(tmp_path):
+    page = tmp_path / "prices.html"
+    page.write_text("<main><p>Prices</p><table><tr><th>item</th><th>price</th></tr><tr><td>tea</td><td>2 &euro;</td>"
+                    "</tr><tr><td><b>cake</b> slice</td><td>3</td></tr></table><pre>\n  kept   as\n    is</pre></main>")
+    assert read(page)[0] == [{"text": "Prices\nitem | price\ntea | 2 €\ncake slice | 3\n  kept   as\n    is"}]
+
+
 def test_html_selector_and_body_fallback(tmp_path):
     records, _ = read(RAW / "article.html", selector="article p")
     assert [r["text"] for r in records] == ARTICLE.split("\n")[1:4]
@@ -91,18 +115,22 @@ def test_mysqldump_rows_with_escapes_and_create_table_columns():
     ]
     assert read(RAW / "qa_mysql.sql", table="users")[0] == [{"id": 1, "name": "alice"}, {"id": 2, "name": "bob"}]
     assert len(read(RAW / "qa_mysql.sql")[0]) == 5  # every table without --table
-    with pytest.raises(JaxtuneError, match=r"no INSERT INTO faq; tables with rows: qa, users"):
+    with pytest.raises(JaxtuneError, match=r"no INSERT INTO faq or COPY faq; tables with rows: qa, users"):
         read(RAW / "qa_mysql.sql", table="faq")
 
 
 def test_sqlite_style_dump_keeps_backslashes_and_doubles_quotes():
-    records, _ = read(RAW / "qa_sqlite.sql", mapping={"instruction": "question", "output": "answer"})
+    mapping = {"instruction": "question", "output": "answer"}
+    records, stats = read(RAW / "qa_sqlite.sql", mapping=mapping, skip_bad_rows=True)
     assert records == [
         {"instruction": "it's raining; what now?", "output": "Take an umbrella."},
         {"instruction": "Path separator on Windows?", "output": "A backslash: \\"},
         {"instruction": "Two lines?", "output": "first\nsecond"},
-        {"instruction": "Unanswered?", "output": None},  # no column list: columns of the CREATE TABLE
     ]
+    assert stats.skipped == {"NULL in column answer": 1}  # no column list: columns of the CREATE TABLE
+    with pytest.raises(JaxtuneError, match=r"qa_sqlite\.sql:12 \(row 1 of INSERT INTO qa\): column 'answer' \(field "
+                                           r"'output'\) is NULL; fill it in the source, or skip such rows"):
+        read(RAW / "qa_sqlite.sql", mapping=mapping)
 
 
 def test_sql_dump_errors(tmp_path):
@@ -111,9 +139,13 @@ def test_sql_dump_errors(tmp_path):
     with pytest.raises(JaxtuneError, match=r"bare\.sql:2: INSERT INTO t has no column list and no CREATE TABLE t"):
         read(bare)
     copy = tmp_path / "pg.sql"
-    copy.write_text('CREATE TABLE public.qa (q text, a text);\nCOPY public.qa (q, a) FROM stdin;\nhi\tthere\n\\.\n')
-    with pytest.raises(JaxtuneError, match="no INSERT INTO statements.*--inserts"):
+    copy.write_text('CREATE TABLE public.qa (q text, a text);\nCOPY public.qa (q, a) FROM stdin;\nhi\tthere\n')
+    with pytest.raises(JaxtuneError, match=r"pg\.sql:2: COPY qa never ends \(no line \\\. after its rows\)"):
         read(copy)
+    schema = tmp_path / "schema.sql"
+    schema.write_text("CREATE TABLE t (q text);\n")
+    with pytest.raises(JaxtuneError, match="no INSERT INTO statement and no COPY ... FROM stdin block"):
+        read(schema)
     short = tmp_path / "short.sql"
     short.write_text('INSERT INTO "t" ("q", "a") VALUES (\'x\', \'y\'), (\'only one\');\n')
     with pytest.raises(JaxtuneError, match=r"short\.sql:1 \(row 2 of INSERT INTO t\): 1 values for 2 columns"):
@@ -166,12 +198,13 @@ def test_unreadable_inputs(tmp_path):
 def test_prepare_writes_all_inputs_and_reports(tmp_path, capsys):
     out = tmp_path / "out" / "records.jsonl"
     stats = prepare([RAW / "qa.csv", RAW / "qa_sqlite.sql"], out,
-                    mapping={"instruction": "question", "output": "answer"}, progress=False)
+                    mapping={"instruction": "question", "output": "answer"}, skip_bad_rows=True, progress=False)
     records = read_jsonl(out)
-    assert len(records) == stats.rows_out == 9
+    assert len(records) == stats.rows_out == 8
     assert records[0] == {"instruction": "What is 2+2?", "output": "4"}
-    assert records[-1] == {"instruction": "Unanswered?", "output": None}
-    assert capsys.readouterr().out.splitlines() == ["rows in: 10", "rows out: 9", "rows skipped: 1", "  empty: 1"]
+    assert records[-1] == {"instruction": "Two lines?", "output": "first\nsecond"}
+    assert capsys.readouterr().out.splitlines() == ["rows in: 10", "rows out: 8", "rows skipped: 2", "  empty: 1",
+                                                    "  NULL in column answer: 1"]
     assert list(out.parent.iterdir()) == [out]
 
 
@@ -224,12 +257,14 @@ def test_sql_statements_that_cannot_be_read_are_counted(tmp_path):
                     "UPDATE qa SET a = 'three' WHERE q = 'one';\n"
                     "INSERT INTO qa (q, a) SELECT q, a FROM old_qa;\n"
                     "COPY qa (q, a) FROM stdin;\nfour\tfive\n\\.\n"
-                    "INSERT INTO qa (q, a) VALUES ('six', 'seven');\n"  # swallowed by the COPY data above
+                    "INSERT INTO qa (q, a) VALUES ('six', 'seven');\n"  # after COPY's rows: SQL again
+                    "COPY qa (q, a) FROM '/srv/qa.tsv';\n"  # the rows are in a file the dump does not hold
                     "INSERT INTO qa (q, a) VALUES ('eight', 'nine') oops ('ten', 'eleven');\n")
     records, stats = read(dump)
-    assert records == [{"q": "one", "a": "two"}, {"q": "eight", "a": "nine"}]
+    assert records == [{"q": "one", "a": "two"}, {"q": "four", "a": "five"}, {"q": "six", "a": "seven"},
+                       {"q": "eight", "a": "nine"}]
     assert stats.skipped == {"UPDATE statement": 1, "INSERT without INTO ... VALUES": 1, "COPY statement": 1,
-                             "unreadable statement": 1, "unreadable rest of INSERT": 1}
+                             "unreadable rest of INSERT": 1}
     assert stats.rows_in == len(records) + sum(stats.skipped.values())
     assert stats.first_skipped == f"{dump}:3: UPDATE statement"
     pg = tmp_path / "pg17.sql"  # recent pg_dump wraps the dump in psql's \restrict ... \unrestrict

@@ -1,6 +1,7 @@
 """HTML pages to records: the visible text of the elements a CSS selector picks, one record each."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from jaxtune.data.records import BadRow
@@ -13,13 +14,33 @@ BLOCK_TAGS = ["p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", 
 PARAGRAPH = "\u2029"  # marks block boundaries while the text's own whitespace is collapsed
 
 
+PREFORMATTED = "\ue000{}\ue000"  # stands for the i-th <pre> block while the prose around it is collapsed
+CELL = " | "  # between the cells of a table row, so that they stay apart
+
+
+def _preformatted(pre) -> str:
+    """A <pre> block's text as displayed: every line and indent (HTML drops a newline right after <pre>)."""
+    return pre.get_text().removeprefix("\n").rstrip()
+
+
 def _visible_text(element) -> str:
-    """Text as a reader sees it: runs of whitespace collapsed, one line per paragraph."""
+    """Text as a reader sees it: runs of whitespace collapsed, one line per paragraph and per table row
+    (cells apart); a <pre> block (code, with its <code> and highlighting <span>s) verbatim."""
+    if element.name == "pre":
+        return _preformatted(element)
+    blocks = []
+    while (pre := element.find("pre")) is not None:  # the outermost first
+        blocks.append(_preformatted(pre))
+        pre.replace_with(PARAGRAPH + PREFORMATTED.format(len(blocks) - 1) + PARAGRAPH)
+    for row in element.find_all("tr"):
+        for cell in row.find_all(["td", "th"], recursive=False)[1:]:
+            cell.insert_before(CELL)
     for tag in element.find_all(BLOCK_TAGS):
         tag.insert_before(PARAGRAPH)
         tag.insert_after(PARAGRAPH)
     paragraphs = (" ".join(p.split()) for p in element.get_text().split(PARAGRAPH))
-    return "\n".join(p for p in paragraphs if p)
+    text = "\n".join(p for p in paragraphs if p)
+    return re.sub(PREFORMATTED.format(r"(\d+)"), lambda m: blocks[int(m[1])], text)
 
 
 def html_rows(path: Path, text: str, selector: str | None):

@@ -16,6 +16,8 @@ SKIP_HINT = "or skip such rows with --skip-bad-rows"
 
 
 def _mapped(row: dict, mapping: dict[str, str] | None, where: str) -> dict | BadRow:
+    """The row's mapped columns under their field names; a missing column or a NULL (SQL NULL, JSON null)
+    in one is a bad row (a record field that is null would only fail much later, in preflight)."""
     if not mapping:
         return row
     for name, column in mapping.items():
@@ -23,6 +25,9 @@ def _mapped(row: dict, mapping: dict[str, str] | None, where: str) -> dict | Bad
             return BadRow(f"missing field {name}",
                           f"{where}: field {name!r} maps to column {column!r}, which this row does not have "
                           f"(it has: {', '.join(map(str, row)) or 'nothing'}); fix --map {name}=COLUMN")
+        if row[column] is None:
+            return BadRow(f"NULL in column {column}",
+                          f"{where}: column {column!r} (field {name!r}) is NULL; fill it in the source")
     return {name: row[column] for name, column in mapping.items()}
 
 

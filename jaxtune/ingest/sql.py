@@ -1,6 +1,8 @@
-"""SQL dumps to records: the rows of INSERT statements (mysqldump, SQLite, PostgreSQL with --inserts),
-their columns from the statement's column list or the CREATE TABLE before it. Statements that hold no
-usable rows are counted, never silently dropped."""
+"""SQL dumps to records: the rows of INSERT statements (mysqldump / mariadb-dump, the sqlite3 shell's
+.dump, pg_dump --inserts) and of pg_dump's default `COPY ... FROM stdin` blocks, their columns from the
+statement's column list, the COPY header or the CREATE TABLE before it. Values are evaluated
+(jaxtune.ingest.sql_values), never kept as expression text. Statements that hold no usable rows are
+counted, never silently dropped."""
 from __future__ import annotations
 
 import re
@@ -14,6 +16,7 @@ from sqlparse.lexer import Lexer
 
 from jaxtune.data.records import BadRow
 from jaxtune.errors import JaxtuneError
+from jaxtune.ingest.sql_values import c_escapes, evaluate
 
 # Words that open a table constraint, not a column, inside CREATE TABLE ( ... ).
 CONSTRAINT_WORDS = {"PRIMARY", "KEY", "UNIQUE", "CONSTRAINT", "INDEX", "FOREIGN", "CHECK", "FULLTEXT", "SPATIAL",
@@ -23,8 +26,9 @@ NO_DATA_STATEMENTS = {"ALTER", "ANALYZE", "BEGIN", "COMMENT", "COMMIT", "CREATE"
                       "LOCK", "PRAGMA", "REVOKE", "ROLLBACK", "SELECT", "SET", "START", "TRUNCATE", "UNLOCK", "USE",
                       "VACUUM"}
 INSERT_TAILS = {"ON", "RETURNING", "AS"}  # what may follow the rows: ON DUPLICATE KEY / ON CONFLICT, ...
-SQL_LITERALS = {"NULL": None, "TRUE": True, "FALSE": False}
-MYSQL_ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a", "%": "\\%", "_": "\\_"}
+COPY_HEADER = re.compile(r"COPY\s+(?P<table>[^\s(]+)\s*(?:\((?P<columns>[^)]*)\))?\s+FROM\s+stdin\s*;[ \t]*\r?\n",
+                         re.IGNORECASE)
+COPY_END = re.compile(r"^\\\.\r?$", re.MULTILINE)  # the line `\.` after a COPY block's rows
 
 
 @cache
@@ -35,8 +39,9 @@ def _sql_lexer(mysql: bool) -> Lexer:
     """
     if mysql:
         strings = [(r"'(?:''|\\[\s\S]|[^'\\])*'", T.String.Single), (r'"(?:""|\\[\s\S]|[^"\\])*"', T.String.Symbol)]
-    else:
-        strings = [(r"'(?:''|[^'])*'", T.String.Single), (r'"(?:""|[^"])*"', T.String.Symbol)]
+    else:  # PostgreSQL's E'..' takes backslash escapes
+        strings = [(r"[eE]'(?:''|\\[\s\S]|[^'\\])*'", T.String.Escape), (r"'(?:''|[^'])*'", T.String.Single),
+                   (r'"(?:""|[^"])*"', T.String.Symbol)]
     lexer = Lexer()
     lexer.default_initialization()
     lexer.set_SQL_REGEX(strings + list(keywords.SQL_REGEX))
@@ -47,57 +52,39 @@ def _unquote(name: str) -> str:
     return name[1:-1].replace(name[0] * 2, name[0]) if name[0] in '`"[' else name
 
 
-def _sql_string(token: str, mysql: bool) -> str:
-    quote, body = token[0], token[1:-1]
-    if not mysql:
-        return body.replace(quote * 2, quote)
-    return re.sub(rf"\\([\s\S])|{quote}{quote}",
-                  lambda m: quote if m[1] is None else MYSQL_ESCAPES.get(m[1], m[1]), body)
-
-
-def _sql_value(tokens: list[tuple], mysql: bool):
-    """One VALUES entry: string, int, float, None or bool; anything else (NOW(), 0x41) as its SQL text.
-
-    Adjacent string literals are one string, as SQL reads them: 'abc' 'def' (also across lines) is 'abcdef'."""
-    strings = tokens[1:] if tokens and tokens[0][0] in T.Name else tokens  # MySQL's _utf8mb4'..' introducer
-    if strings and all(ttype in T.String for ttype, _, _ in strings):
-        return "".join(_sql_string(value, mysql) for _, value, _ in strings)
-    if len(tokens) == 1:
-        ttype, value, _ = tokens[0]
-        if ttype in T.Number.Integer:
-            return int(value)
-        if ttype in T.Number.Float:
-            return float(value)
-        if value.upper() in SQL_LITERALS:
-            return SQL_LITERALS[value.upper()]
-    return "".join(value for _, value, _ in tokens)
-
-
-def _create_table(tokens: list[tuple]) -> tuple[str, list[str]] | None:
-    """(table, column names in order) of a CREATE TABLE, or None when it has no column list."""
-    opening = next((i for i, (_, value, _) in enumerate(tokens) if value == "("), None)
+def _create_table(tokens: list[tuple]) -> tuple[str, dict[str, str]] | None:
+    """(table, {column: its type's first word, upper case} in order) of a CREATE TABLE, or None when it
+    has no column list."""
+    opening = next((i for i, (_, value, *_) in enumerate(tokens) if value == "("), None)
     if opening is None:
         return None
-    columns, depth, expect = [], 0, True
-    for _, value, _ in tokens[opening:]:
+    columns, depth, column = {}, 0, ""
+    for _, value, *_ in tokens[opening:]:
         if value in ("(", ")"):
             depth += 1 if value == "(" else -1
             if depth == 0:
                 break
         elif depth == 1 and value == ",":
-            expect = True
-        elif depth == 1 and expect:
-            if value.split()[0].upper() not in CONSTRAINT_WORDS:
-                columns.append(_unquote(value))
-            expect = False
+            column = ""
+        elif depth == 1 and column == "":
+            column = None if value.split()[0].upper() in CONSTRAINT_WORDS else _unquote(value)
+            if column is not None:
+                columns[column] = ""
+        elif depth == 1 and column and not columns[column]:
+            columns[column] = value.split()[0].upper()
     return _unquote(tokens[opening - 1][1]), columns
 
 
-def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str, list[str]], table: str | None,
+COPY_TYPES = {**dict.fromkeys(("INTEGER", "INT", "BIGINT", "SMALLINT", "SERIAL", "BIGSERIAL", "INT4", "INT8", "INT2"), int),
+              **dict.fromkeys(("REAL", "DOUBLE", "NUMERIC", "DECIMAL", "FLOAT4", "FLOAT8"), float),
+              "BOOLEAN": lambda v: v == "t", "BOOL": lambda v: v == "t"}  # COPY's text -> what an INSERT would give
+
+
+def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str, dict[str, str]], table: str | None,
                  inserted: dict[str, None]):
-    """Rows of an INSERT INTO t [(cols)] VALUES (..), (..) statement."""
+    """Rows of an INSERT INTO t [(cols)] VALUES (..), (..) statement; tokens are (type, text, line, column)."""
     line = tokens[0][2]
-    words = [value.upper() for _, value, _ in tokens]
+    words = [value.upper() for _, value, *_ in tokens]
     if "INTO" not in words or "VALUES" not in words:  # INSERT ... SELECT, MySQL's INSERT ... SET
         yield f"{path}:{line}", BadRow(f"{words[0]} without INTO ... VALUES")
         return
@@ -107,12 +94,19 @@ def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str
     inserted.setdefault(name)
     if table and name != table:
         return
-    columns = [_unquote(v) for _, v, _ in tokens[name_end + 1:values_at - 1] if v != ","] or created.get(name)
+    columns = [_unquote(v) for _, v, *_ in tokens[name_end + 1:values_at - 1] if v != ","] or list(created.get(name, ()))
     if not columns:
         raise JaxtuneError(f"{path}:{line}: INSERT INTO {name} has no column list and no CREATE TABLE {name} comes "
                            f"before it; dump with column names (mysqldump --complete-insert, pg_dump --column-inserts)")
-    depth, n = 0, 0
-    for ttype, value, at in tokens[values_at + 1:]:
+    depth, n, row_line = 0, 0, line
+
+    def value_at(token) -> str:
+        """Where a value (or one of its tokens) is, for its evaluation's errors: path:line:column (row n ...)."""
+        place = f"{path}:{token[2]}:{token[3]}" if token else f"{path}:{row_line}"
+        return f"{place} (row {n + 1} of INSERT INTO {name})"
+
+    for token in tokens[values_at + 1:]:
+        ttype, value, at = token[:3]
         punct = value if ttype in T.Punctuation else ""
         if depth == 0:
             if punct == "(":
@@ -123,48 +117,96 @@ def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str
                 break
             continue
         if depth == 1 and punct in (",", ")"):
-            row.append(_sql_value(current, mysql))
+            row.append(evaluate(current, mysql, value_at))
             current = []
             if punct == ")":
                 depth, n = 0, n + 1
                 where = f"{path}:{row_line} (row {n} of INSERT INTO {name})"
-                if len(row) == len(columns):
-                    yield where, dict(zip(columns, row))
-                else:
-                    yield where, BadRow("wrong column count", f"{where}: {len(row)} values for {len(columns)} "
-                                                              f"columns ({', '.join(columns)})")
+                yield where, _row(columns, row, where)
             continue
-        depth += {"(": 1, ")": -1}.get(punct, 0)  # a function call such as NOW()
-        current.append((ttype, value, at))
+        depth += {"(": 1, ")": -1}.get(punct, 0)  # a function call such as replace(..)
+        current.append(token)
     if depth:
         raise JaxtuneError(f"{path}:{row_line}: row {n + 1} of INSERT INTO {name} never ends; the dump is cut off "
                            f"or a quote is not closed: dump it again")
 
 
-def sql_rows(path: Path, text: str, table: str | None):
-    mysql = "`" in text or "/*!" in text  # mysqldump quotes names with backticks and writes /*!40101 ... */
-    created: dict[str, list[str]] = {}
-    inserted: dict[str, None] = {}  # tables that have INSERTs, in order
-    statement, line, command = [], 1, False
-    for ttype, value in chain(_sql_lexer(mysql).get_tokens(text), [(T.Punctuation, ";")]):
+def _row(columns: list[str], values: list, where: str) -> dict | BadRow:
+    if len(values) == len(columns):
+        return dict(zip(columns, values))
+    return BadRow("wrong column count", f"{where}: {len(values)} values for {len(columns)} columns ({', '.join(columns)})")
+
+
+def _copy_rows(path: Path, text: str, header: re.Match, line: int, created: dict[str, dict[str, str]], table: str | None,
+               inserted: dict[str, None]):
+    """The rows of pg_dump's `COPY t (cols) FROM stdin;` block that `header` matched (`line`: its line): one
+    line a row, fields split by tabs, `\\N` for NULL, PostgreSQL's text-format escapes, up to the line `\\.`.
+    Returns the offset and line after the block."""
+    name = _unquote(re.split(r"\.(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", header["table"])[-1])
+    columns = [_unquote(c.strip()) for c in header["columns"].split(",")] if header["columns"] else list(created.get(name, ()))
+    types = [COPY_TYPES.get(created.get(name, {}).get(c), str) for c in columns]
+    end = COPY_END.search(text, header.end())
+    if end is None:
+        raise JaxtuneError(f"{path}:{line}: COPY {name} never ends (no line \\. after its rows); the dump is cut off: "
+                           "dump it again")
+    if not columns:
+        raise JaxtuneError(f"{path}:{line}: COPY {name} has no column list and no CREATE TABLE {name} comes before it")
+    inserted.setdefault(name)
+    lines = text[header.end():end.start()].split("\n")[:-1]  # the block ends with a newline before \.
+    if not table or name == table:
+        for n, raw in enumerate(lines, 1):
+            fields = raw.removesuffix("\r").split("\t")
+            where = f"{path}:{line + n} (row {n} of COPY {name})"
+            if len(fields) == len(columns):
+                fields = [None if f == "\\N" else typed(c_escapes(f, unicode=False)) for typed, f in zip(types, fields)]
+            yield where, _row(columns, fields, where)
+    return end.end(), line + len(lines) + 1
+
+
+def _dialect_is_mysql(text: str) -> bool:
+    """mysqldump / mariadb-dump: their header, or backticks / /*! comments before the first string literal
+    (the text of the rows may hold anything)."""
+    head = text[:text.find("'")] if "'" in text else text
+    return text.lstrip().startswith(("-- MySQL dump", "-- MariaDB dump")) or "`" in head or "/*!" in head
+
+
+def _statements(path: Path, text: str, pos: int, line: int, mysql: bool, created, table, inserted):
+    """Rows of the statements from offset `pos` (on line `line`) on. Returns where to go on
+    after a COPY ... FROM stdin block (its rows are not SQL: the lexer starts again after them), else None."""
+    statement, command, offset, line_start = [], False, pos, pos
+    for ttype, value in chain(_sql_lexer(mysql).get_tokens(text[pos:]), [(T.Punctuation, ";")]):
         if command or (ttype in T.Generic.Command and not statement):  # psql's \connect, \restrict: one line
             command = "\n" not in value
         elif ttype in T.Punctuation and value == ";":
             head = statement[0][1].upper() if statement else ""
-            if head == "CREATE" and any(v.upper() == "TABLE" for _, v, _ in statement[1:4]):
+            if head == "CREATE" and any(v.upper() == "TABLE" for _, v, *_ in statement[1:4]):
                 if definition := _create_table(statement):
                     created[definition[0]] = definition[1]
             elif head in ("INSERT", "REPLACE"):
                 yield from _insert_rows(path, statement, mysql, created, table, inserted)
-            elif head and head not in NO_DATA_STATEMENTS:  # e.g. UPDATE, or COPY data that swallowed an INSERT
+            elif head == "COPY" and (header := COPY_HEADER.match(text, statement[0][4])):
+                return (yield from _copy_rows(path, text, header, statement[0][2], created, table, inserted))
+            elif head and head not in NO_DATA_STATEMENTS:  # e.g. UPDATE, COPY from a file
                 reason = f"{head} statement" if statement[0][0] in T.Keyword else "unreadable statement"
                 yield f"{path}:{statement[0][2]}", BadRow(reason)
             statement = []
         elif ttype not in T.Whitespace and ttype not in T.Comment:
-            statement.append((ttype, value, line))
-        line += value.count("\n")
+            statement.append((ttype, value, line, offset - line_start + 1, offset))
+        offset += len(value)
+        if "\n" in value:
+            line += value.count("\n")
+            line_start = offset - len(value) + value.rindex("\n") + 1
+    return None
+
+
+def sql_rows(path: Path, text: str, table: str | None):
+    mysql = _dialect_is_mysql(text)
+    created: dict[str, dict[str, str]] = {}
+    inserted: dict[str, None] = {}  # tables that have rows, in order
+    at = (0, 1)
+    while at is not None:
+        at = yield from _statements(path, text, *at, mysql, created, table, inserted)
     if not inserted:
-        raise JaxtuneError(f"{path}: no INSERT INTO statements; pg_dump writes COPY blocks unless run with --inserts "
-                           f"or --column-inserts, so re-dump with one of those")
+        raise JaxtuneError(f"{path}: no INSERT INTO statement and no COPY ... FROM stdin block: nothing here holds rows")
     if table and table not in inserted:
-        raise JaxtuneError(f"{path}: no INSERT INTO {table}; tables with rows: {', '.join(inserted)}")
+        raise JaxtuneError(f"{path}: no INSERT INTO {table} or COPY {table}; tables with rows: {', '.join(inserted)}")
