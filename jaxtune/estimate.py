@@ -183,8 +183,9 @@ def abstract_run(cfg) -> AbstractRun:
         for name in opts.modules if opts else ():
             linear = getattr(model.layers, name)
             layers, d_in, d_out = linear.kernel.shape
-            quant.check_rows(f"{cfg.model.path}: {hf_name(('layers', name, 'kernel'), 0)}", d_in, opts.blocksize,
-                             module=name, block_key="quant.block_size=", dense_key="quant.dense_modules=")
+            if not quant_note:  # a dense base, quantized as quant.* says (a 4-bit one was checked when stored)
+                quant.check_rows(f"{cfg.model.path}: {hf_name(('layers', name, 'kernel'), 0)}", d_in, opts.blocksize,
+                                 module=name, block_key="quant.block_size=", dense_key="quant.dense_modules=")
             linear.kernel = NF4Kernel(_nf4_placeholder(layers, (d_out, d_in), opts), linear.kernel.axes)
         lora.attach_from_config(model, run)
         return model

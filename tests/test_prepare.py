@@ -56,6 +56,9 @@ def test_html_table_rows_one_per_line_cells_apart(tmp_path):
     page.write_text("<main><p>Prices</p><table><tr><th>item</th><th>price</th></tr><tr><td>tea</td><td>2 &euro;</td>"
                     "</tr><tr><td><b>cake</b> slice</td><td>3</td></tr></table><pre>\n  kept   as\n    is</pre></main>")
     assert read(page)[0] == [{"text": "Prices\nitem | price\ntea | 2 €\ncake slice | 3\n  kept   as\n    is"}]
+    page.write_text("<main><table><tr><th><p>Name</p></th><td><p>a</p><p>b</p></td></tr></table><p>\ue0000\ue000</p>"
+                    "<pre>one<br>two<br/>  three</pre></main>")  # Sphinx wraps cells in <p>; a <br> in a <pre>
+    assert read(page)[0] == [{"text": "Name | a b\n\ue0000\ue000\none\ntwo\n  three"}]
 
 
 def test_html_selector_and_body_fallback(tmp_path):

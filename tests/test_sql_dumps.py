@@ -83,6 +83,21 @@ def test_expressions_jaxtune_does_not_evaluate_are_errors_and_write_nothing(tmp_
     assert list(tmp_path.iterdir()) == [dump]
 
 
+def test_what_real_dumps_also_write():
+    """Found by review: a sqlite3 dump whose CREATE TABLE has backticks, exponents with a sign, a column named
+    key, a quoted COPY table name with a space, an array column, bit strings, rows of defaults only."""
+    sqlite = "PRAGMA foreign_keys=OFF;\nCREATE TABLE `c` (`p` TEXT, x REAL);\nINSERT INTO c VALUES('C:\\new',1.0e+20);\n"
+    assert rows_of(sqlite) == [{"p": "C:\\new", "x": 1e20}]
+    pg = ('CREATE TABLE public.kv (key text, n integer[], b bit(3));\nINSERT INTO public.kv VALUES (\'k\', NULL, B\'101\');\n'
+          'CREATE TABLE public."Chat Log" (prompt text, n integer[]);\n'
+          'COPY public."Chat Log" (prompt, n) FROM stdin;\nit\'s\t{1,2}\n\\.\nINSERT INTO public.kv DEFAULT VALUES;\n')
+    assert rows_of(pg)[:2] == [{"key": "k", "n": None, "b": "101"}, {"prompt": "it's", "n": "{1,2}"}]
+    assert rows_of(pg)[2].reason == "INSERT ... DEFAULT VALUES"  # counted, not an error
+    with pytest.raises(JaxtuneError, match="0x110000 is not a Unicode code point"):
+        rows_of("CREATE TABLE t (v text);\nINSERT INTO t VALUES (char(1114112));\n")
+    assert rows_of("CREATE TABLE t (v text);\nINSERT INTO t VALUES (E'\\uD83D\\uDE00');\n") == [{"v": "😀"}]
+
+
 def test_copy_blocks_escapes_nulls_types_and_tables():
     dump = ("CREATE TABLE public.a (id integer, ok boolean, score numeric, t text);\n"
             "CREATE TABLE public.b (t text);\n"

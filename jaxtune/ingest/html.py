@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from pathlib import Path
 
 from jaxtune.data.records import BadRow
@@ -14,12 +15,14 @@ BLOCK_TAGS = ["p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", 
 PARAGRAPH = "\u2029"  # marks block boundaries while the text's own whitespace is collapsed
 
 
-PREFORMATTED = "\ue000{}\ue000"  # stands for the i-th <pre> block while the prose around it is collapsed
 CELL = " | "  # between the cells of a table row, so that they stay apart
 
 
 def _preformatted(pre) -> str:
-    """A <pre> block's text as displayed: every line and indent (HTML drops a newline right after <pre>)."""
+    """A <pre> block's text as displayed: every line and indent, a <br> a line break (HTML drops a newline
+    right after <pre>)."""
+    for br in pre.find_all("br"):
+        br.replace_with("\n")
     return pre.get_text().removeprefix("\n").rstrip()
 
 
@@ -28,19 +31,26 @@ def _visible_text(element) -> str:
     (cells apart); a <pre> block (code, with its <code> and highlighting <span>s) verbatim."""
     if element.name == "pre":
         return _preformatted(element)
+    marker = f"\ue000{uuid.uuid4().hex}:"  # + i + U+E000 stands for the i-th <pre> while the prose is collapsed
     blocks = []
     while (pre := element.find("pre")) is not None:  # the outermost first
         blocks.append(_preformatted(pre))
-        pre.replace_with(PARAGRAPH + PREFORMATTED.format(len(blocks) - 1) + PARAGRAPH)
+        pre.replace_with(f"{PARAGRAPH}{marker}{len(blocks) - 1}\ue000{PARAGRAPH}")
     for row in element.find_all("tr"):
-        for cell in row.find_all(["td", "th"], recursive=False)[1:]:
+        cells = row.find_all(["td", "th"], recursive=False)
+        for cell in cells:  # a cell is one line, even when it wraps its text in <p> or <div>
+            for block in cell.find_all(BLOCK_TAGS):
+                block.insert_before(" ")
+                block.insert_after(" ")
+            cell.string = " ".join(cell.get_text().split())
+        for cell in cells[1:]:
             cell.insert_before(CELL)
     for tag in element.find_all(BLOCK_TAGS):
         tag.insert_before(PARAGRAPH)
         tag.insert_after(PARAGRAPH)
     paragraphs = (" ".join(p.split()) for p in element.get_text().split(PARAGRAPH))
     text = "\n".join(p for p in paragraphs if p)
-    return re.sub(PREFORMATTED.format(r"(\d+)"), lambda m: blocks[int(m[1])], text)
+    return re.sub(re.escape(marker) + "(\\d+)\ue000", lambda m: blocks[int(m[1])], text)
 
 
 def html_rows(path: Path, text: str, selector: str | None):

@@ -18,16 +18,18 @@ from jaxtune.data.records import BadRow
 from jaxtune.errors import JaxtuneError
 from jaxtune.ingest.sql_values import c_escapes, evaluate
 
-# Words that open a table constraint, not a column, inside CREATE TABLE ( ... ).
-CONSTRAINT_WORDS = {"PRIMARY", "KEY", "UNIQUE", "CONSTRAINT", "INDEX", "FOREIGN", "CHECK", "FULLTEXT", "SPATIAL",
-                    "EXCLUDE"}
+# Unquoted words that open a table constraint, not a column, inside CREATE TABLE ( ... ); MySQL's index forms
+# only in its dumps (which quote every column name), so a PostgreSQL or SQLite column may be called `key`.
+CONSTRAINT_WORDS = {"PRIMARY", "UNIQUE", "CONSTRAINT", "FOREIGN", "CHECK", "EXCLUDE"}
+MYSQL_CONSTRAINT_WORDS = CONSTRAINT_WORDS | {"KEY", "INDEX", "FULLTEXT", "SPATIAL"}
 # Statements of a dump that hold no rows; any other statement prepare does not read is counted as skipped.
 NO_DATA_STATEMENTS = {"ALTER", "ANALYZE", "BEGIN", "COMMENT", "COMMIT", "CREATE", "DELIMITER", "DROP", "END", "GRANT",
                       "LOCK", "PRAGMA", "REVOKE", "ROLLBACK", "SELECT", "SET", "START", "TRUNCATE", "UNLOCK", "USE",
                       "VACUUM"}
 INSERT_TAILS = {"ON", "RETURNING", "AS"}  # what may follow the rows: ON DUPLICATE KEY / ON CONFLICT, ...
-COPY_HEADER = re.compile(r"COPY\s+(?P<table>[^\s(]+)\s*(?:\((?P<columns>[^)]*)\))?\s+FROM\s+stdin\s*;[ \t]*\r?\n",
-                         re.IGNORECASE)
+_NAME = r'(?:"(?:[^"]|"")*"|[^\s(."]+)'  # one part of a table name, quoted or not
+COPY_HEADER = re.compile(rf"COPY\s+(?P<table>{_NAME}(?:\.{_NAME})*)\s*(?:\((?P<columns>[^)]*)\))?\s+FROM\s+stdin\s*;"
+                         r"[ \t]*\r?\n", re.IGNORECASE)
 COPY_END = re.compile(r"^\\\.\r?$", re.MULTILINE)  # the line `\.` after a COPY block's rows
 
 
@@ -42,9 +44,10 @@ def _sql_lexer(mysql: bool) -> Lexer:
     else:  # PostgreSQL's E'..' takes backslash escapes
         strings = [(r"[eE]'(?:''|\\[\s\S]|[^'\\])*'", T.String.Escape), (r"'(?:''|[^'])*'", T.String.Single),
                    (r'"(?:""|[^"])*"', T.String.Symbol)]
+    numbers = [(r"(?:\d+\.\d*|\.\d+|\d+)[eE][-+]?\d+(?![\w.])", T.Number.Float)]  # 1.0e+20: sqlparse splits it
     lexer = Lexer()
     lexer.default_initialization()
-    lexer.set_SQL_REGEX(strings + list(keywords.SQL_REGEX))
+    lexer.set_SQL_REGEX(strings + numbers + list(keywords.SQL_REGEX))
     return lexer
 
 
@@ -52,7 +55,7 @@ def _unquote(name: str) -> str:
     return name[1:-1].replace(name[0] * 2, name[0]) if name[0] in '`"[' else name
 
 
-def _create_table(tokens: list[tuple]) -> tuple[str, dict[str, str]] | None:
+def _create_table(tokens: list[tuple], mysql: bool) -> tuple[str, dict[str, str]] | None:
     """(table, {column: its type's first word, upper case} in order) of a CREATE TABLE, or None when it
     has no column list."""
     opening = next((i for i, (_, value, *_) in enumerate(tokens) if value == "("), None)
@@ -67,7 +70,8 @@ def _create_table(tokens: list[tuple]) -> tuple[str, dict[str, str]] | None:
         elif depth == 1 and value == ",":
             column = ""
         elif depth == 1 and column == "":
-            column = None if value.split()[0].upper() in CONSTRAINT_WORDS else _unquote(value)
+            constraint = value.split()[0].upper() in (MYSQL_CONSTRAINT_WORDS if mysql else CONSTRAINT_WORDS)
+            column = None if constraint else _unquote(value)
             if column is not None:
                 columns[column] = ""
         elif depth == 1 and column and not columns[column]:
@@ -75,9 +79,18 @@ def _create_table(tokens: list[tuple]) -> tuple[str, dict[str, str]] | None:
     return _unquote(tokens[opening - 1][1]), columns
 
 
+_BOOLEAN = {"t": True, "f": False}
 COPY_TYPES = {**dict.fromkeys(("INTEGER", "INT", "BIGINT", "SMALLINT", "SERIAL", "BIGSERIAL", "INT4", "INT8", "INT2"), int),
               **dict.fromkeys(("REAL", "DOUBLE", "NUMERIC", "DECIMAL", "FLOAT4", "FLOAT8"), float),
-              "BOOLEAN": lambda v: v == "t", "BOOL": lambda v: v == "t"}  # COPY's text -> what an INSERT would give
+              "BOOLEAN": _BOOLEAN.__getitem__, "BOOL": _BOOLEAN.__getitem__}  # COPY's text -> what an INSERT gives
+
+
+def _typed(kind, text: str):
+    """A COPY field as its column's type (an array, NaN or other text the type does not parse stays text)."""
+    try:
+        return kind(text)
+    except (ValueError, KeyError):
+        return text
 
 
 def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str, dict[str, str]], table: str | None,
@@ -89,6 +102,9 @@ def _insert_rows(path: Path, tokens: list[tuple], mysql: bool, created: dict[str
         yield f"{path}:{line}", BadRow(f"{words[0]} without INTO ... VALUES")
         return
     into, values_at = words.index("INTO"), words.index("VALUES")
+    if words[values_at - 1] == "DEFAULT":  # a row of defaults only: nothing to train on
+        yield f"{path}:{line}", BadRow(f"{words[0]} ... DEFAULT VALUES")
+        return
     name_end = words.index("(", into) if "(" in words[into:values_at] else values_at
     name = _unquote(tokens[name_end - 1][1])
     inserted.setdefault(name)
@@ -144,12 +160,13 @@ def _copy_rows(path: Path, text: str, header: re.Match, line: int, created: dict
     Returns the offset and line after the block."""
     name = _unquote(re.split(r"\.(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", header["table"])[-1])
     columns = [_unquote(c.strip()) for c in header["columns"].split(",")] if header["columns"] else list(created.get(name, ()))
-    types = [COPY_TYPES.get(created.get(name, {}).get(c), str) for c in columns]
+    kinds = created.get(name, {})
+    types = [str if kinds.get(c, "").endswith("[]") else COPY_TYPES.get(kinds.get(c), str) for c in columns]
     end = COPY_END.search(text, header.end())
     if end is None:
         raise JaxtuneError(f"{path}:{line}: COPY {name} never ends (no line \\. after its rows); the dump is cut off: "
                            "dump it again")
-    if not columns:
+    if not columns and name not in created:
         raise JaxtuneError(f"{path}:{line}: COPY {name} has no column list and no CREATE TABLE {name} comes before it")
     inserted.setdefault(name)
     lines = text[header.end():end.start()].split("\n")[:-1]  # the block ends with a newline before \.
@@ -158,7 +175,8 @@ def _copy_rows(path: Path, text: str, header: re.Match, line: int, created: dict
             fields = raw.removesuffix("\r").split("\t")
             where = f"{path}:{line + n} (row {n} of COPY {name})"
             if len(fields) == len(columns):
-                fields = [None if f == "\\N" else typed(c_escapes(f, unicode=False)) for typed, f in zip(types, fields)]
+                fields = [None if f == "\\N" else _typed(kind, c_escapes(f, unicode=False, where=where))
+                          for kind, f in zip(types, fields)]
             yield where, _row(columns, fields, where)
     return end.end(), line + len(lines) + 1
 
@@ -166,8 +184,11 @@ def _copy_rows(path: Path, text: str, header: re.Match, line: int, created: dict
 def _dialect_is_mysql(text: str) -> bool:
     """mysqldump / mariadb-dump: their header, or backticks / /*! comments before the first string literal
     (the text of the rows may hold anything)."""
+    start = text.lstrip()
+    if start.startswith(("PRAGMA foreign_keys", "BEGIN TRANSACTION")) or "-- PostgreSQL database dump" in text[:500]:
+        return False  # the sqlite3 shell and pg_dump (a backtick in a CREATE TABLE they repeat says nothing)
     head = text[:text.find("'")] if "'" in text else text
-    return text.lstrip().startswith(("-- MySQL dump", "-- MariaDB dump")) or "`" in head or "/*!" in head
+    return start.startswith(("-- MySQL dump", "-- MariaDB dump")) or any(m in head for m in ("`", "/*!", "/*M!"))
 
 
 def _statements(path: Path, text: str, pos: int, line: int, mysql: bool, created, table, inserted):
@@ -180,7 +201,7 @@ def _statements(path: Path, text: str, pos: int, line: int, mysql: bool, created
         elif ttype in T.Punctuation and value == ";":
             head = statement[0][1].upper() if statement else ""
             if head == "CREATE" and any(v.upper() == "TABLE" for _, v, *_ in statement[1:4]):
-                if definition := _create_table(statement):
+                if definition := _create_table(statement, mysql):
                     created[definition[0]] = definition[1]
             elif head in ("INSERT", "REPLACE"):
                 yield from _insert_rows(path, statement, mysql, created, table, inserted)

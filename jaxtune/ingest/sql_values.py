@@ -22,7 +22,7 @@ UNISTR = re.compile(r"\\(?:([0-9a-fA-F]{4})|u([0-9a-fA-F]{4})|\+([0-9a-fA-F]{6})
 KNOWN = "literals, ||, replace(), char(), unistr(), X'..', E'..', 0x.. and _charset introducers"
 
 
-def c_escapes(body: str, unicode: bool = True) -> str:
+def c_escapes(body: str, unicode: bool = True, where: str = "") -> str:
     """PostgreSQL's backslash escapes: \\b \\f \\n \\r \\t \\v, octal, \\x hex, and \\u / \\U in E'..'
     strings (`unicode`; COPY's text format has none: there `\\u` is `u`); any other `\\c` is c."""
     def one(m):
@@ -31,8 +31,14 @@ def c_escapes(body: str, unicode: bool = True) -> str:
             return m[0][1:]
         if char is not None:
             return C_ESCAPES.get(char, char)
-        return chr(int(octal, 8) if octal else int(hexa or u4 or u8, 16))
-    return E_STRING.sub(one, body) if "\\" in body else body
+        return _char(int(octal, 8) if octal else int(hexa or u4 or u8, 16), where)
+    if "\\" not in body:
+        return body
+    text = E_STRING.sub(one, body)
+    try:  # \uD83D\uDE00: a surrogate pair is one character
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise JaxtuneError(f"{where}: {body!r} holds a lone UTF-16 surrogate, which is no character") from None
 
 
 def _unistr(text: str, where: str) -> str:
@@ -40,8 +46,15 @@ def _unistr(text: str, where: str) -> str:
     def one(m):
         if m[6] is not None:
             raise JaxtuneError(f"{where}: unistr({text!r}) holds a backslash that is not an escape SQLite knows")
-        return "\\" if m[5] else chr(int(m[1] or m[2] or m[3] or m[4], 16))
+        return "\\" if m[5] else _char(int(m[1] or m[2] or m[3] or m[4], 16), where)
     return UNISTR.sub(one, text)
+
+
+def _char(code: int, where: str = "") -> str:
+    """chr(code), or an error naming the place when no character has that code."""
+    if not 0 <= code <= 0x10FFFF:
+        raise JaxtuneError(f"{where}: {code:#x} is not a Unicode code point")
+    return chr(code)
 
 
 def _hex_text(digits: str, where: str) -> str:
@@ -131,18 +144,20 @@ def _term(c: _Tokens):
         c.i -= 1
         return _strings(c)
     if ttype in T.String.Escape:  # PostgreSQL E'..'
-        return c_escapes(text[2:-1].replace("''", "'"))
+        return c_escapes(text[2:-1].replace("''", "'"), where=c.where(token))
     if ttype in T.Number.Integer:
         return int(text)
     if ttype in T.Number.Float:
         return float(text)
     if ttype in T.Number.Hexadecimal:  # MySQL 0x..
         return _hex_text(text[2:], c.where(token))
-    if text in ("-", "+") and c.peek() is not None and c.peek()[0] in T.Number:
+    if text in ("-", "+") and c.peek() is not None and (c.peek()[0] in T.Number.Integer or c.peek()[0] in T.Number.Float):
         number = _term(c)
         return -number if text == "-" else number
     if upper == "X" and _is_string(c, c.peek()):  # X'..': a blob literal
         return _hex_text(c.take()[1][1:-1], c.where(token))
+    if upper == "B" and _is_string(c, c.peek()):  # B'101': PostgreSQL's bit string, as its text
+        return c.take()[1][1:-1]
     if upper in CONSTANTS:
         return CONSTANTS[upper]
     if text.startswith("_") and (_is_string(c, c.peek()) or (c.peek() is not None and c.peek()[0] in T.Number.Hexadecimal)):
@@ -167,7 +182,7 @@ def _call(c: _Tokens, name_token):
         text, old, new = map(_text, args)
         return text.replace(old, new) if old else text
     if name == "char" and all(isinstance(a, int) for a in args):
-        return "".join(map(chr, args))
+        return "".join(_char(a, c.where(name_token)) for a in args)
     if name == "unistr" and len(args) == 1 and isinstance(args[0], str):
         return _unistr(args[0], c.where(name_token))
     raise c.error(name_token, f"calls {name}(), which jaxtune does not evaluate")
