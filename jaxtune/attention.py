@@ -105,8 +105,37 @@ def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_
             mask_btt = mask(positions_bt, segments_bt, positions_bt, segments_bt, window)
         return masked(q_bthd, keys_btkd, values_btkd, mask_btt)
     impl = {"blocked": _blocked, "cudnn": _cudnn, "pallas": _pallas_gpu, "splash": _splash}[backend]
+    if backend in KERNELS:
+        impl = per_shard(impl)
     b, t, h, d = q_bthd.shape
     return impl(q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window).reshape(b, t, h * d)
+
+
+KERNELS = ("pallas", "splash")  # Pallas kernels: the SPMD partitioner cannot split them, a shard_map must
+
+
+def per_shard(impl):
+    """`impl` run on each device's own rows and heads inside a `shard_map` over the active mesh.
+
+    XLA cannot partition a Mosaic/Triton custom call ("Mosaic kernels cannot be automatically
+    partitioned"), so on a mesh each device calls the kernel on its slice: rows split as the batch is
+    (data x fsdp), heads as the tensor axis splits them. Keys and values are repeated to the query
+    heads first, so a query head and its key/value head always land on the same device, whatever
+    tensor does to the KV heads. Without a mesh (or on one device) it is `impl` itself."""
+    from jaxtune import sharding
+
+    def wrapped(q, k, v, positions, segments, window, **kwargs):
+        mesh = sharding.active_mesh()
+        if mesh is None or mesh.size == 1:
+            return impl(q, k, v, positions, segments, window, **kwargs)
+        k, v = _repeat_kv(q, k, v)
+        heads = sharding.spec(("batch", "length", "heads", None), q.shape, mesh)
+        rows = sharding.spec(("batch", "length"), positions.shape, mesh)
+        local = functools.partial(impl, window=window, **kwargs)
+        return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows, rows), out_specs=heads,
+                             check_vma=False)(q, k, v, positions, segments)
+
+    return wrapped
 
 
 def _blocks(t: int, window: int | None, block: int = BLOCKED_BLOCK) -> list[tuple[slice, slice]] | None:

@@ -89,13 +89,58 @@ def cmd_estimate(args):
     from jaxtune import config
     from jaxtune.estimate import estimate
 
-    overrides, devices = [], args.devices
-    for item in args.overrides:  # --devices may also follow the config file
-        if item.startswith("--devices="):
-            devices = int(item.split("=", 1)[1])
+    overrides, devices, platform = [], args.devices, args.platform
+    rest = iter(args.overrides)
+    for item in rest:  # --devices / --platform may also follow the config file
+        flag, _, value = item.partition("=")
+        if flag in ("--devices", "--platform"):
+            value = value or next(rest, "")
+            if flag == "--devices":
+                devices = int(value)
+            else:
+                platform = value
         else:
             overrides.append(item)
-    print(estimate(config.load(args.config, overrides), devices).text())
+    if platform not in (None, "cpu", "gpu", "tpu"):
+        raise JaxtuneError(f"--platform={platform}: one of cpu, gpu, tpu")
+    print(estimate(config.load(args.config, overrides), devices, platform=platform).text())
+
+
+def cmd_compile(args):
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):  # compiling for a TPU/GPU never needs this machine's accelerator
+        jax.config.update("jax_platforms", "cpu")
+    from jaxtune import aot, config
+
+    configs, overrides, topologies = list(args.configs), [], list(args.topology or [])
+    rest = iter(args.overrides)
+    for item in rest:  # --topology may also follow the config files
+        if item == "--topology":
+            topologies.append(next(rest, ""))
+        elif item.startswith("--topology="):
+            topologies.append(item.split("=", 1)[1])
+        elif item == "--markdown":
+            args.markdown = True
+        elif item.startswith("--"):
+            overrides.append(item)
+        else:
+            configs.append(item)
+    if not topologies:
+        raise JaxtuneError("name the device to compile for: --topology v4-8 (v2-8, v3-8, v4-N, v5litepod-N, v5p-N, "
+                           "v6e-N; it may repeat)")
+    reports = []
+    for path in configs:
+        cfg = config.load(path, overrides)
+        for name in topologies:
+            report = aot.compile_run(cfg, aot.target(name))
+            reports.append((path, report))
+            print(f"{path} on {report.text()}", flush=True)
+    if args.markdown:
+        print("\n" + aot.markdown_table(reports))
+    failed = [f"{path} on {r.target.name}" for path, r in reports if not r.fits]
+    if failed:
+        raise JaxtuneError(f"does not compile or does not fit: {', '.join(failed)}")
 
 
 def cmd_keys(args):
@@ -201,9 +246,21 @@ def _add_training_commands(sub):
     p = sub.add_parser("estimate", help="memory per device of a run, before any weight is loaded, and the devices "
                                         "it fits: jaxtune estimate CONFIG.py [--devices=N] [--config.key=value ...]")
     p.add_argument("--devices", type=int, help="devices the mesh spans (default: those visible here)")
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
+                   help="plan for this platform: its attention kernel and calibration (default: this machine's)")
     p.add_argument("config", help="a Python file with get_config(), e.g. configs/llama3_8b_qlora.py")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.data.seq_len=2048 ... (see `jaxtune keys`)")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("compile", help="compile a run's train and eval steps for a TPU slice this machine does not "
+                                       "have, with the TPU compiler: memory per chip, FLOPs, the HLO checks: "
+                                       "jaxtune compile CONFIG.py --topology v4-8 [--config.key=value ...]")
+    p.add_argument("--topology", action="append", help="a TPU type as gcloud names it (v2-8, v3-8, v4-8 .. v4-4096, "
+                                                       "v5litepod-N, v5p-N, v6e-N); may repeat")
+    p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
+    p.add_argument("configs", nargs="+", metavar="config", help="Python file(s) with get_config()")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--config.data.seq_len=2048 ... (see `jaxtune keys`)")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("keys", help="list every config key with its default and help")
     p.add_argument("--markdown", action="store_true", help="as the Markdown page docs/configs.md")

@@ -38,16 +38,30 @@ DEVICES = (
     ("TPU v5p", 95 * GiB), ("TPU v6e", 32 * GiB), ("T4", 15360 * MiB), ("L4", 23034 * MiB),
     ("A100 40GB", 40960 * MiB), ("A100 80GB", 81920 * MiB), ("H100 80GB", 81559 * MiB), ("H200", 143771 * MiB),
 )
-# How XLA turns traced shapes into bytes; calibrated on XLA:CPU's buffer assignment of the train step
-# (36 configurations: lora/qlora/full x remat none/dots/full x 2 lengths x 2 shapes; worst error 12%)
-# and checked on another shape by tests/test_estimate.py. BLOCKED_SCORE_COPIES was refitted for 128-token
-# blocks on that test's shape (lora/full x remat none/dots/full x T = 256..2048: estimate / XLA 0.87-1.20, the
-# worst at T = 2048, full fine-tuning, full remat; 0.87-1.05 at the tested T = 256 and 1024).
-RESIDUALS_KEPT = 0.82  # share of the traced residual bytes XLA keeps (fusion recomputes the rest)
-LOGIT_COPIES = 2  # float32 logits of one loss chunk: the logits and their cotangent
-LAYER_COTANGENTS = 0.55  # a layer's backward working set, relative to all its forward intermediates
-BLOCKED_SCORE_COPIES = 1.5  # blocked attention's backward: score-sized arrays of all its blocks live at once
-TIED_COPIES = 2  # tied embeddings: the transposed output projection and its cotangent
+# How a compiler turns traced shapes into bytes, per compiler. XLA:CPU (also used for GPUs: XLA:GPU's
+# buffer assignment of the same steps is within 15%, ../notes gpu-compile-findings) was calibrated on its
+# buffer assignment of the train step (36 configurations: lora/qlora/full x remat none/dots/full x 2 lengths
+# x 2 shapes; worst error 12%) and is checked on another shape by tests/test_estimate.py;
+# blocked_score_copies was refitted for 128-token blocks on that test's shape (estimate / XLA 0.87-1.20).
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    name: str
+    residuals_kept: float  # share of the traced residual bytes XLA keeps (fusion recomputes the rest)
+    logit_copies: float  # float32 logits of one loss chunk: the logits and their cotangent
+    layer_cotangents: float  # a layer's backward working set, relative to all its forward intermediates
+    blocked_score_copies: float  # blocked attention's backward: score-sized arrays of all its blocks at once
+    tied_copies: float = 2  # tied embeddings: the transposed output projection and its cotangent
+
+
+CALIBRATIONS = {
+    "cpu": Calibration("XLA:CPU", residuals_kept=0.82, logit_copies=2, layer_cotangents=0.55, blocked_score_copies=1.5),
+}
+
+
+def calibration(platform: str) -> Calibration:
+    return CALIBRATIONS.get(platform, CALIBRATIONS["cpu"])
+
+
 HEADROOM = 0.9  # fits = the estimate within 90% of the device: XLA's runtime, fragmentation, workspaces
 
 # config.json of the models the bundled presets name, so that `jaxtune estimate` works offline.
@@ -80,6 +94,7 @@ class Estimate:
     remat: str  # the policy estimated
     remat_why: str = ""  # how model.remat='auto' resolved on this machine ('' when the config names a policy)
     quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
+    calibration: str = "XLA:CPU"  # whose buffer assignment the constants were fitted on
 
     @property
     def total(self) -> int:
@@ -93,7 +108,7 @@ class Estimate:
         how = " (model.remat='auto' as resolved here: set it to plan another device)" if self.remat_why else ""
         lines = [self.quant_note] if self.quant_note else []
         lines.append(f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}, "
-                     f"remat {self.remat!r}{how}):")
+                     f"remat {self.remat!r}{how}; calibrated on {self.calibration}):")
         for name, size in self.parts.items():
             lines.append(f"  {name:<14} {size / GiB:8.2f} GiB   {self.details.get(name, '')}")
         lines.append(f"  {'total':<14} {self.total / GiB:8.2f} GiB")
@@ -156,8 +171,9 @@ class AbstractRun:
     quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
 
 
-def abstract_run(cfg) -> AbstractRun:
-    """The run's model (NF4 kernels for QLoRA, LoRA attached) and optimizer state, without weights."""
+def abstract_run(cfg, platform: str | None = None) -> AbstractRun:
+    """The run's model (NF4 kernels for QLoRA, LoRA attached) and optimizer state, without weights;
+    the attention backend as `platform` (default: this machine's) resolves model.attention."""
     from jaxtune.train import optim
 
     hf = read_architecture(cfg.model.path)
@@ -166,7 +182,7 @@ def abstract_run(cfg) -> AbstractRun:
     mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           source=f"{cfg.model.path}/config.json")
     try:  # the backend training here would use; a kernel named for another platform is estimated as is
-        backend, _ = attention.resolve(cfg.model.attention, cfg.data.seq_len, mcfg.sliding_window)
+        backend, _ = attention.resolve(cfg.model.attention, cfg.data.seq_len, mcfg.sliding_window, platform)
     except JaxtuneError:
         backend = cfg.model.attention
     mcfg = dataclasses.replace(mcfg, attention=backend)
@@ -321,32 +337,34 @@ def with_remat(cfg, policy: str):
     return cfg
 
 
-def estimate(cfg, devices: int | None = None) -> Estimate:
-    """Memory per device of the run `cfg` on `devices` devices (default: those visible here).
-    model.remat='auto' resolves here: CPU_REMAT on CPU; on an accelerator the least recomputation that
-    fits this device ('none', the fastest, else 'dots', else 'full')."""
+def estimate(cfg, devices: int | None = None, platform: str | None = None, capacity: int | None = None) -> Estimate:
+    """Memory per device of the run `cfg` on `devices` devices (default: those visible here) of
+    `platform` (default: this machine's; it picks the attention kernel and the calibration).
+    model.remat='auto' resolves: CPU_REMAT on CPU; on an accelerator the least recomputation that fits
+    `capacity` bytes (default: this device's) — 'none', the fastest, else 'dots', else 'full'."""
+    platform = platform or jax.default_backend()
     if cfg.model.remat != "auto":
-        return _estimate(cfg, devices)
-    if jax.default_backend() == "cpu":
-        est = _estimate(with_remat(cfg, CPU_REMAT), devices)
+        return _estimate(cfg, devices, platform)
+    if platform == "cpu":
+        est = _estimate(with_remat(cfg, CPU_REMAT), devices, platform)
         return dataclasses.replace(est, remat_why=f"auto: {CPU_REMAT!r} on CPU (recomputing element-wise ops is "
                                                   "faster there than keeping them)")
-    limit = device_memory()
+    limit = capacity or device_memory()
     for policy in ("none", "dots", "full"):
-        est = _estimate(with_remat(cfg, policy), devices)
+        est = _estimate(with_remat(cfg, policy), devices, platform)
         if limit is None or est.fits(limit):
             return dataclasses.replace(est, remat_why=f"auto: {policy!r}, the least recomputation that fits "
                                                       f"({est.total / GiB:.1f} GiB per device)")
     return dataclasses.replace(est, remat_why="auto: 'full' (the most recomputation; even it may not fit)")
 
 
-def _estimate(cfg, devices: int | None) -> Estimate:
+def _estimate(cfg, devices: int | None, platform: str) -> Estimate:
     """`estimate` of a config that names its remat policy."""
     from jaxtune.train.step import chunk_size
 
     devices = devices or jax.device_count()
     mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices))
-    run = abstract_run(cfg)
+    run = abstract_run(cfg, platform)
     mcfg = run.model_cfg
     frozen, trainable = per_device_bytes(run.frozen, mesh), per_device_bytes(run.trainable, mesh)
     optimizer = per_device_bytes(run.opt_state, mesh)
@@ -357,20 +375,21 @@ def _estimate(cfg, devices: int | None) -> Estimate:
     b, t, tensor = cfg.train.micro_batch_size // batch_ways, cfg.data.seq_len, mesh.shape["tensor"]
     act = jnp.dtype(mcfg.dtype).itemsize
     d, v = mcfg.hidden_size, mcfg.vocab_size
+    cal = calibration(platform)
     stream = b * t * d * act  # the residual stream each layer's backward starts from
     kept, invariant = (n // tensor for n in layer_residual_bytes(run, cfg, b, t, mcfg.remat))
     every = kept if mcfg.remat == "none" else layer_residual_bytes(run, cfg, b, t, "none")[0] // tensor
-    activations = mcfg.num_layers * (stream + int(RESIDUALS_KEPT * kept)) + invariant
+    activations = mcfg.num_layers * (stream + int(cal.residuals_kept * kept)) + invariant
     # Two phases that are never live together: the loss (chunk by chunk, before the layers' backward)
     # and one layer's backward (its forward recomputed where remat dropped it, and its cotangents).
     chunk = chunk_size(t, cfg.train.loss_chunk)
-    loss = LOGIT_COPIES * b * chunk * v * 4 // tensor + 2 * b * t * d * 4
-    loss += TIED_COPIES * v * d * act // tensor if mcfg.tie_word_embeddings else 0
-    layer = (every - kept if mcfg.remat != "none" else 0) + int(LAYER_COTANGENTS * every)
+    loss = int(cal.logit_copies * b * chunk * v * 4) // tensor + 2 * b * t * d * 4
+    loss += int(cal.tied_copies * v * d * act) // tensor if mcfg.tie_word_embeddings else 0
+    layer = (every - kept if mcfg.remat != "none" else 0) + int(cal.layer_cotangents * every)
     layer += 2 * _largest_dequantized_kernel(run, act) if cfg.method == "qlora" else 0
     if mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
         heads = -(-mcfg.num_heads // tensor)
-        layer += int(BLOCKED_SCORE_COPIES * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4)
+        layer += int(cal.blocked_score_copies * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4)
     parts = {
         "frozen": sum(frozen.values()),
         "trainable": sum(trainable.values()),
@@ -386,10 +405,11 @@ def _estimate(cfg, devices: int | None) -> Estimate:
         "optimizer": f"AdamW moments + MultiSteps' gradient accumulator: {show(optimizer)}",
         "gradients": "one gradient of the trainable weights",
         "activations": f"micro-batch {b} x {t} per device; {mcfg.num_layers} layers x ({stream / MiB:.1f} MiB "
-                       f"stream + {RESIDUALS_KEPT * kept / MiB:.1f} MiB kept by remat={mcfg.remat!r}, "
+                       f"stream + {cal.residuals_kept * kept / MiB:.1f} MiB kept by remat={mcfg.remat!r}, "
                        f"attention={mcfg.attention!r})",
         "backward peak": f"the larger of the loss ({loss / MiB:.0f} MiB: float32 logits of {b} x {chunk} tokens "
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
-    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, quant_note=run.quant_note)
+    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, quant_note=run.quant_note,
+                    calibration=cal.name)

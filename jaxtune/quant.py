@@ -98,19 +98,58 @@ class QuantOptions:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "absmax", "nested_absmax", "offset"],
-                   meta_fields=["shape", "blocksize", "nested_blocksize"])
+                   meta_fields=["shape", "blocksize", "nested_blocksize", "layout"])
 @dataclasses.dataclass
 class NF4:
     """One quantized weight in bitsandbytes' arrays (a jax pytree: it can be sliced per layer, sharded
     and passed through jit). `absmax` is float32 per 64-block, or, with double quantization, uint8 codes
     with `nested_absmax` (float32 per 256 absmaxes) and `offset`."""
-    packed: np.ndarray  # uint8 [(n + 1) // 2], the row-major [out, in] weight two codes a byte
+    packed: np.ndarray  # uint8 [(n + 1) // 2], the row-major [out, in] weight two codes a byte (or `to_words`)
     absmax: np.ndarray
     shape: tuple  # the torch shape [out, in]
     blocksize: int = BLOCKSIZE
     nested_absmax: np.ndarray | None = None
     offset: np.ndarray | None = None  # float32 scalar
     nested_blocksize: int = NESTED_BLOCKSIZE
+    layout: str = "bytes"  # "bytes": bitsandbytes' packing; "words": `to_words`, how the device holds it
+
+
+WORD_NIBBLES = 8
+
+
+def to_words(packed, shape: tuple):
+    """bitsandbytes' packed bytes of one [out, in] weight (or a stack [layers, n/2]) -> uint32 words
+    [out·in/8] (or [layers, out·in/8]) in which nibble k (from the low end) of word j of a row holds
+    column j + k·in/8 of that row.
+
+    Why: unpacking bitsandbytes' bytes needs a [.., 2] axis of (high, low) nibbles, which a TPU pads
+    to 128 lanes: Llama-3-8B's QLoRA step needed 23 GiB per chip instead of 8 and did not fit a v5e.
+    From words, each nibble plane is a lane-dense [out, in/8] array and the row is their concatenation
+    (`dequantize`), with the same float32 arithmetic, so the weights are equal bit for bit. A stacked
+    uint32 array is also sliced per layer in place, where a uint8 stack was copied whole in the layer
+    loop (TPU tiles 8-bit arrays differently). Repacked on the host at load, one layer at a time."""
+    out_dim, in_dim = shape
+    if in_dim % WORD_NIBBLES:
+        raise JaxtuneError(f"an NF4 weight of shape {list(shape)}: rows of {in_dim} values do not split into "
+                           f"{WORD_NIBBLES} nibble planes")
+    if isinstance(packed, np.ndarray) and packed.ndim == 2:  # a stack: one layer at a time (host memory)
+        return np.stack([to_words(layer, shape) for layer in packed])
+    xp = np if isinstance(packed, np.ndarray) else jnp
+    codes = xp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], out_dim, in_dim)
+    planes = codes.reshape(*codes.shape[:-1], WORD_NIBBLES, in_dim // WORD_NIBBLES).astype(xp.uint32)
+    shifts = (4 * xp.arange(WORD_NIBBLES, dtype=xp.uint32))[:, None]
+    words = (planes << shifts).sum(axis=-2, dtype=xp.uint32) if xp is np else jnp.sum(planes << shifts, axis=-2,
+                                                                                    dtype=jnp.uint32)
+    return words.reshape(*packed.shape[:-1], -1)
+
+
+def from_words(words, shape: tuple) -> np.ndarray:
+    """`to_words` undone on the host: bitsandbytes' packed bytes."""
+    out_dim, in_dim = shape
+    words = np.asarray(words).reshape(*np.shape(words)[:-1], out_dim, in_dim // WORD_NIBBLES)
+    codes = np.concatenate([(words >> np.uint32(4 * k)) & np.uint32(0xF) for k in range(WORD_NIBBLES)], axis=-1)
+    codes = codes.astype(np.uint8).reshape(*np.shape(words)[:-2], -1)
+    return (codes[..., 0::2] << 4) | codes[..., 1::2]
 
 
 def quantize(weight: np.ndarray, *, blocksize: int = BLOCKSIZE, double_quant: bool = True) -> NF4:
@@ -141,10 +180,15 @@ def dequantize_absmax(nf4: NF4):
 
 def dequantize(nf4: NF4, dtype=jnp.float32):
     """The weight in torch layout [out, in]: NF4_CODE[q] * absmax in float32, then cast to `dtype`."""
-    packed = jnp.asarray(nf4.packed)
-    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
     n = int(np.prod(nf4.shape))
-    values = jnp.asarray(NF4_CODE)[codes[:n].astype(jnp.int32)]
+    if nf4.layout == "words":
+        out_dim, in_dim = nf4.shape
+        words = jnp.asarray(nf4.packed).reshape(out_dim, in_dim // WORD_NIBBLES)
+        codes = jnp.concatenate([(words >> (4 * k)) & 0xF for k in range(WORD_NIBBLES)], axis=-1).reshape(-1)
+    else:
+        packed = jnp.asarray(nf4.packed)
+        codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)[:n]
+    values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
     scales = jnp.repeat(dequantize_absmax(nf4), nf4.blocksize)[:n]
     return (values * scales).reshape(nf4.shape).astype(dtype)
 

@@ -38,9 +38,10 @@ RULES = {
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxtune_mesh", default=None)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the visible devices; one size may be -1: "all remaining devices"."""
-    devices = jax.devices()
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the visible devices (or `devices`: those of a TPU topology
+    compiled for ahead of time); one size may be -1: "all remaining devices"."""
+    devices = list(devices) if devices is not None else jax.devices()
     sizes = list(mesh_sizes(data, fsdp, tensor, len(devices)).values())
     if -1 not in (data, fsdp, tensor) and math.prod(sizes) < len(devices):
         warnings.warn(f"mesh {sizes} uses {math.prod(sizes)} of {len(devices)} devices; set one size to -1 to use all")

@@ -6,7 +6,9 @@ gathered onto every device. Here each device keeps its slice of the vocabulary: 
 that fall in its slice (zeros elsewhere) and a sum over the `tensor` axis completes every row; the loss
 takes a max and a sum of exponentials over the slices (two small all-reduces) instead of gathering
 float32 logits. The `fsdp`-sharded hidden dimension of the table is gathered inside, one table at a
-time, as FSDP gathers any weight. Without a mesh both are the plain computation.
+time, as FSDP gathers any weight: the output projection once for all the loss's chunks (gathered per
+chunk, the backward gathered it again for every chunk: 16 GiB per step for Llama-3 at T=4096), so
+its gradient is reduce-scattered once too. Without a mesh both are the plain computation.
 """
 from __future__ import annotations
 
@@ -49,27 +51,42 @@ def embed(table, tokens):
                          out_specs=PartitionSpec(*token_spec, None))(table, tokens)
 
 
-def cross_entropy_sum(hidden, unembed, targets, weights):
-    """Σ weights · (logsumexp(logits) − logits[target]) over a chunk, logits = hidden @ unembed in
-    float32: `hidden` [B, C, D], `unembed` [D, V] with logical axes ("embed", "vocab"), `targets` and
-    `weights` [B, C]. A float32 scalar."""
+def chunked_cross_entropy_sum(hidden_nbcd, unembed, targets_nbc, weights_nbc):
+    """Σ weights · (logsumexp(logits) − logits[target]) over all chunks, logits = hidden @ unembed in
+    float32, one chunk of C tokens at a time: `hidden` [N, B, C, D], `unembed` [D, V] with logical axes
+    ("embed", "vocab"), `targets` and `weights` [N, B, C]. A float32 scalar.
+
+    Each device gathers its vocabulary slice of `unembed` over `fsdp` once, then loops over the chunks,
+    each a `jax.checkpoint` (its logits are recomputed in the backward, never kept); the gathered slice
+    is the loop's constant, so neither pass gathers it again per chunk, and its gradient is summed over
+    the chunks and reduce-scattered back to the fsdp shards once."""
     mesh = sharding.active_mesh()
     if mesh is None:
-        return _token_losses(hidden, unembed, targets, weights, (), 0).sum()
+        return _chunk_loop(hidden_nbcd, unembed, targets_nbc, weights_nbc, (), 0)
     unembed_spec = sharding.spec(("embed", "vocab"), unembed.shape, mesh)
-    row_spec = sharding.spec(("batch", "length"), targets.shape, mesh)
+    row_spec = sharding.spec(("batch", "length"), targets_nbc.shape[1:], mesh)
     embed_axes, vocab_axes = _axes(unembed_spec[0]), _axes(unembed_spec[1])
     batch_axes = tuple(a for entry in row_spec for a in _axes(entry))
+    chunks = PartitionSpec(None, *row_spec)
 
     def local(hidden, unembed, targets, weights):
         if embed_axes:
             unembed = jax.lax.all_gather(unembed, embed_axes, axis=0, tiled=True)
         start = _slice_start(vocab_axes, unembed.shape[1])
-        total = _token_losses(hidden, unembed, targets, weights, vocab_axes, start).sum()
+        total = _chunk_loop(hidden, unembed, targets, weights, vocab_axes, start)
         return jax.lax.psum(total, batch_axes) if batch_axes else total
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*row_spec, None), unembed_spec, row_spec, row_spec),
-                         out_specs=PartitionSpec())(hidden, unembed, targets, weights)
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(None, *row_spec, None), unembed_spec, chunks, chunks),
+                         out_specs=PartitionSpec())(hidden_nbcd, unembed, targets_nbc, weights_nbc)
+
+
+def _chunk_loop(hidden, unembed, targets, weights, vocab_axes: tuple, start):
+    @jax.checkpoint
+    def chunk(_, xs):  # no carry: inside a shard_map its type would have to vary over the batch axes
+        h, t, w = xs
+        return None, _token_losses(h, unembed, t, w, vocab_axes, start).sum()
+
+    return jax.lax.scan(chunk, None, (hidden, targets, weights))[1].sum()
 
 
 def _token_losses(hidden, unembed, targets, weights, vocab_axes: tuple, start):

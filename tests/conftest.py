@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (jaxtune compile's TPU compiler) is installed: never probe for a TPU
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One XLA compilation cache for this session: its processes, the xdist workers (they inherit the
 # controller's environment) and the `jaxtune` processes tests start; dozens of tests compile the same tiny

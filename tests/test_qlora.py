@@ -23,9 +23,8 @@ def dequantized_twin(path, model_nf4):
     dense = from_pretrained(path)
     for name in LINEAR_MODULES:
         kernel: NF4Kernel = getattr(model_nf4.layers, name).kernel
-        layers = [quant.dequantize(jax.tree.map(lambda a: a[i], quant.NF4(
-            kernel.packed[...], kernel.absmax[...], kernel.weight_shape, kernel.blocksize,
-            kernel.nested_absmax[...], kernel.offset[...]))).T for i in range(kernel.shape[0])]
+        stack = kernel.nf4()  # bitsandbytes' bytes, as quant.quantize made them
+        layers = [quant.dequantize(jax.tree.map(lambda a: a[i], stack)).T for i in range(kernel.shape[0])]
         getattr(dense.layers, name).kernel.set_value(jnp.stack(layers))
     return dense
 
@@ -39,7 +38,7 @@ def tiny(tmp_path_factory):
 def test_nf4_model_computes_its_dequantized_weights(tiny):
     model = from_pretrained(tiny, quantize=OPTIONS)
     assert isinstance(model.layers.q_proj.kernel, NF4Kernel)
-    assert model.layers.q_proj.kernel.packed[...].dtype == jnp.uint8
+    assert model.layers.q_proj.kernel.words[...].dtype == jnp.uint32
     tokens = np.arange(40)[None] % 256
     ours = np.asarray(model(tokens))
     twin = np.asarray(dequantized_twin(tiny, model)(tokens))
@@ -69,7 +68,7 @@ def test_lora_gradients_on_nf4_equal_those_on_the_dequantized_base(tiny):
     grads_dense, _ = lora_grads(twin)
     for a, b in zip(jax.tree.leaves(grads_nf4), jax.tree.leaves(grads_dense)):
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-6
-    quantized = [p for p, _ in nnx.to_flat_state(frozen) if "packed" in p]
+    quantized = [p for p, _ in nnx.to_flat_state(frozen) if "words" in p]
     assert len(quantized) == len(LINEAR_MODULES)  # the NF4 codes are frozen state, not trainable
 
 
@@ -156,7 +155,7 @@ def test_bitsandbytes_checkpoint_loads_as_is_and_computes_like_transformers(smol
     model = from_pretrained(path, quantize=quant.QuantOptions(()))  # the checkpoint says what is 4-bit
     stored = load_file(str(path / "model.safetensors"))
     kernel = model.layers.q_proj.kernel
-    np.testing.assert_array_equal(np.asarray(kernel.packed[...][3]), stored["model.layers.3.self_attn.q_proj.weight"][:, 0])
+    np.testing.assert_array_equal(kernel.nf4().packed[3], stored["model.layers.3.self_attn.q_proj.weight"][:, 0])
     np.testing.assert_array_equal(np.asarray(kernel.absmax[...][3]), stored["model.layers.3.self_attn.q_proj.weight.absmax"])
     tokens = np.array([[1, 504, 3458, 282, 4649, 314, 21, 3458, 4649, 314, 216, 23]])
     ours = np.asarray(model(tokens))

@@ -1,4 +1,6 @@
 """NF4 with double quantization against bitsandbytes itself (CPU), bit for bit."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,28 @@ def test_bitsandbytes_reference_layers_compute_in_float32_on_any_cpu(bnb_cpu_fas
     after = layer.state_dict()
     assert saved.keys() == after.keys() and all(torch.equal(saved[k], after[k]) for k in saved)
 
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_word_layout_dequantizes_bit_for_bit_like_bitsandbytes_bytes(double_quant):
+    """The device layout (uint32 words, 8 nibble planes: no [.., 2] axis for a TPU to pad to 128 lanes)
+    gives the same weights as bitsandbytes' bytes, bit for bit, in float32 and bfloat16, also sliced
+    from a stack inside jit as the layer scan slices it; and from_words gives the bytes back."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    for shape in ((128, 512), (512, 128), (64, 1024)):
+        layers = [quant.quantize(rng.normal(0, 0.02, shape).astype(np.float32), double_quant=double_quant)
+                  for _ in range(2)]
+        stack = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+        words = quant.to_words(stack.packed, shape)
+        assert words.dtype == np.uint32 and words.shape == (2, shape[0] * shape[1] // 8)
+        np.testing.assert_array_equal(quant.from_words(words, shape), stack.packed)
+        as_words = dataclasses.replace(stack, packed=words, layout="words")
+        for dtype in (jnp.float32, jnp.bfloat16):
+            sliced = jax.jit(lambda s, i: quant.dequantize(jax.tree.map(lambda a: a[i], s), dtype))
+            for i, layer in enumerate(layers):
+                ours = np.asarray(sliced(as_words, i)).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32)
+                theirs = np.asarray(jax.jit(lambda n: quant.dequantize(n, dtype))(layer)).view(ours.dtype)
+                np.testing.assert_array_equal(ours, theirs, err_msg=f"{shape} layer {i} {dtype}")

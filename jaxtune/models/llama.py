@@ -129,16 +129,18 @@ class QuantizedArray(nnx.Variable):
 
 
 class NF4Kernel(nnx.Module):
-    """A Linear's frozen kernel in NF4 (`jaxtune.quant`, bitsandbytes' arrays), stacked over layers:
-    packed codes and block scales per layer, flat in torch's row-major [out, in] order, so sharding
-    their flat axis shards `out`. Inside the layer scan one layer's arrays are dequantized for its
-    matmul, never the whole stack; the backward dequantizes again (`quant.matmul`)."""
+    """A Linear's frozen kernel in NF4 (`jaxtune.quant`: bitsandbytes' codes and scales), stacked over
+    layers: codes as uint32 words (`quant.to_words`, lane-friendly on TPU) and block scales per layer,
+    flat in torch's row-major [out, in] order, so sharding their flat axis shards `out`. Inside the
+    layer scan one layer's arrays are dequantized for its matmul, never the whole stack; the backward
+    dequantizes again (`quant.matmul`). `nf4()` gives bitsandbytes' bytes back."""
 
     def __init__(self, nf4: quant.NF4, axes: tuple):
         """`nf4`: stacked arrays ([layers, ...] each) with the torch shape [out, in] of one layer;
         `axes`: the dense kernel's logical axes ("layers", in, out)."""
         out_axis = axes[2]
-        self.packed = QuantizedArray(jnp.asarray(nf4.packed), axes=("layers", out_axis))
+        words = nf4.packed if nf4.layout == "words" else quant.to_words(nf4.packed, nf4.shape)
+        self.words = QuantizedArray(jnp.asarray(words), axes=("layers", out_axis))
         self.absmax = QuantizedArray(jnp.asarray(nf4.absmax), axes=("layers", out_axis))
         double = nf4.nested_absmax is not None
         self.nested_absmax = QuantizedArray(jnp.asarray(nf4.nested_absmax), axes=("layers", None)) if double else None
@@ -148,24 +150,25 @@ class NF4Kernel(nnx.Module):
     @property
     def shape(self) -> tuple:
         """The dense kernel's stacked shape [layers, in, out] (what LoRA sizes its factors by)."""
-        return (self.packed.shape[0], self.weight_shape[1], self.weight_shape[0])
+        return (self.words.shape[0], self.weight_shape[1], self.weight_shape[0])
 
     dtype = jnp.float32  # what a dense copy of the weights is computed in
 
     def dense(self):
         """The dequantized stack [layers, in, out] in float32 (for merging; never used in training)."""
-        def one_layer(packed, absmax, nested_absmax, offset):
-            nf4 = quant.NF4(packed, absmax, self.weight_shape, self.blocksize, nested_absmax, offset)
-            return quant.dequantize(nf4).T
+        return jax.vmap(lambda nf4: quant.dequantize(nf4).T)(self._nf4())
 
-        arrays = [None if v is None else v[...] for v in (self.packed, self.absmax, self.nested_absmax, self.offset)]
-        return jax.vmap(one_layer)(*arrays)
+    def _nf4(self) -> quant.NF4:
+        arrays = [None if v is None else v[...] for v in (self.words, self.absmax, self.nested_absmax, self.offset)]
+        return quant.NF4(*arrays[:2], self.weight_shape, self.blocksize, *arrays[2:], layout="words")
+
+    def nf4(self) -> quant.NF4:
+        """The stack in bitsandbytes' own arrays, on the host."""
+        nf4 = jax.tree.map(np.asarray, self._nf4())
+        return dataclasses.replace(nf4, packed=quant.from_words(nf4.packed, self.weight_shape), layout="bytes")
 
     def __call__(self, x):
-        nf4 = quant.NF4(self.packed[...], self.absmax[...], self.weight_shape, self.blocksize,
-                        None if self.nested_absmax is None else self.nested_absmax[...],
-                        None if self.offset is None else self.offset[...])
-        return quant.matmul(x, nf4)
+        return quant.matmul(x, self._nf4())
 
 
 def parameter_count(model: nnx.Module) -> int:

@@ -84,6 +84,7 @@ class Model:
     remat: str  # model.remat and model.attention as resolved for this platform ('auto' never)
     attention: str
     quant: dict | None = None  # the NF4 base as trained (a bitsandbytes base's own settings), for config.json
+    estimate: object = None  # what `jaxtune estimate` said before loading (the compile is compared with it)
 
 
 @dataclasses.dataclass
@@ -102,6 +103,7 @@ class Steps:
     eval_step: Callable  # (trainable, frozen, batch) -> (loss sum, tokens)
     batch_sharding: NamedSharding
     flag_sharding: NamedSharding  # the stop flags: one per batch row
+    batch_fields: tuple = ()
 
     def to_device(self, local: dict) -> dict:
         """This process's rows -> global arrays over the mesh."""
@@ -156,7 +158,8 @@ def setup_model(cfg, model_dir: str) -> Model:
     if cfg.train.micro_batch_size % batch_ways:
         raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
                            f"mesh data x fsdp = {batch_ways}")
-    remat = check_fits(cfg, model_dir).remat
+    est = check_fits(cfg, model_dir)
+    remat = est.remat
     hf = read_hf_config(model_dir)
     window = config_from_hf(hf).sliding_window
     backend, why = attention.resolve(cfg.model.attention, cfg.data.seq_len, window)
@@ -179,7 +182,7 @@ def setup_model(cfg, model_dir: str) -> Model:
     if opts:
         print(f"frozen base in NF4: {lora.describe_quant(opts)}")
         quant = {"block_size": opts.blocksize, "double_quant": opts.double_quant, "modules": list(opts.modules)}
-    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size, remat, backend, quant)
+    return Model(mesh, graphdef, trainable, frozen, model.cfg.vocab_size, remat, backend, quant, est)
 
 
 def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:
@@ -211,15 +214,27 @@ def opt_shardings(tx: optax.GradientTransformation, model: Model):
     return sharding.state_shardings(jax.eval_shape(tx.init, model.trainable), model.mesh)
 
 
+BATCH_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")  # packing.pack's rows
+
+
 def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
-    """The train and eval steps, jitted once with explicit shardings; the train step donates the
-    parameters and optimizer state it replaces."""
-    mesh = model.mesh
+    """The train and eval steps with the shardings of the arrays they take. The train step is compiled
+    here, once (the loop's calls reuse it), and what the compiler says is printed beside the estimate."""
     shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
-    trainable_s, frozen_s, opt_s = shardings_of(model.trainable), shardings_of(model.frozen), shardings_of(opt.state)
+    steps = jit_steps(cfg, model.mesh, model.graphdef, opt.tx, shardings_of(model.trainable),
+                      shardings_of(model.frozen), shardings_of(opt.state), tuple(opt.batches.rows))
+    from jaxtune import aot
+
+    print(aot.compiled_summary(cfg, steps, model.trainable, model.frozen, opt.state, model.estimate))
+    return steps
+
+
+def jit_steps(cfg, mesh, graphdef, tx, trainable_s, frozen_s, opt_s, batch_fields: tuple) -> Steps:
+    """The jitted train and eval steps: explicit shardings, and the train step donates the parameters
+    and optimizer state it replaces. `jaxtune compile` builds the same steps for a device it lacks."""
     batch_sharding = sharding.named_sharding(("batch", "length"), (cfg.train.micro_batch_size, cfg.data.seq_len), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_s = {name: batch_sharding for name in opt.batches.rows}
+    batch_s = {name: batch_sharding for name in batch_fields}
     flag_s = sharding.named_sharding(("batch",), (cfg.train.micro_batch_size,), mesh)
 
     def in_mesh(fn):
@@ -229,12 +244,12 @@ def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
                 return fn(*args)
         return wrapped
 
-    train_step = jax.jit(in_mesh(make_train_step(model.graphdef, opt.tx, cfg.train.loss_chunk)), donate_argnums=(0, 2),
+    train_step = jax.jit(in_mesh(make_train_step(graphdef, tx, cfg.train.loss_chunk)), donate_argnums=(0, 2),
                          in_shardings=(trainable_s, frozen_s, opt_s, batch_s, replicated, replicated, flag_s),
                          out_shardings=(trainable_s, opt_s, replicated))
-    eval_step = jax.jit(in_mesh(make_eval_step(model.graphdef, cfg.train.loss_chunk)),
+    eval_step = jax.jit(in_mesh(make_eval_step(graphdef, cfg.train.loss_chunk)),
                         in_shardings=(trainable_s, frozen_s, batch_s), out_shardings=replicated)
-    return Steps(train_step, eval_step, batch_sharding, flag_s)
+    return Steps(train_step, eval_step, batch_sharding, flag_s, batch_fields)
 
 
 def restore(cfg, checkpoints: Checkpoints, model: Model, opt: Optimizer) -> LoopState:

@@ -5,7 +5,8 @@ supervised tokens (`supervised_per_micro_step` is that count / k: MultiSteps ave
 so k micro-batches with uneven token counts equal one big batch. Logits are computed in float32 one
 sequence chunk at a time, so B x T x vocab float32 logits never exist at once. On one device the
 chunk's gradient is computed in the forward pass, while its logits exist (`fused_cross_entropy`);
-with a mesh the chunk is a `jax.checkpoint` and its logits are recomputed in the backward.
+on a mesh of several devices the chunk is a `jax.checkpoint` and its logits are recomputed in the
+backward (`vocab_parallel.chunked_cross_entropy_sum`).
 """
 from __future__ import annotations
 
@@ -33,16 +34,11 @@ def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
     def split(x):  # [B, T, ...] -> [T/c, B, c, ...] for the scan
         return jnp.swapaxes(x.reshape(b, t // c, c, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
-    def chunk_loss(total, xs):
-        h, targets, weights = xs
-        return total + vocab_parallel.cross_entropy_sum(h, unembed, targets, weights), None
-
     weights = batch["weights"].astype(jnp.float32)
-    if sharding.active_mesh() is None:
+    mesh = sharding.active_mesh()
+    if mesh is None or mesh.size == 1:  # one device: the fused form, whose backward recomputes no logits
         return fused_cross_entropy(split(hidden), unembed, split(batch["targets"]), split(weights)), jnp.sum(weights)
-    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),
-                            (split(hidden), split(batch["targets"]), split(weights)))
+    total = vocab_parallel.chunked_cross_entropy_sum(split(hidden), unembed, split(batch["targets"]), split(weights))
     return total, jnp.sum(weights)
 
 
