@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxtune import estimate as estimate_mod, hlo, sharding
 from jaxtune.errors import JaxtuneError
+from jaxtune.train.step import chunk_size
 
 GiB = 1024**3
 
@@ -245,10 +247,11 @@ class Report:
 
     def text(self) -> str:
         t, chip = self.target, self.target.chip
-        used = f" (the mesh uses {self.chips})" if self.chips != len(t.devices) else ""
-        head = (f"{t.name}: {len(t.devices)} x {chip.kind} ({chip.hbm / GiB:.0f} GiB each){used}, {t.hosts} "
-                f"host{'s' * (t.hosts > 1)}, mesh {self.estimate.mesh}, attention {self.attention!r}, "
-                f"remat {self.estimate.remat!r}")
+        used = f" (the mesh uses {self.chips})" if self.chips and self.chips != len(t.devices) else ""
+        head = f"{t.name}: {len(t.devices)} x {chip.kind} ({chip.hbm / GiB:.0f} GiB each){used}, {t.hosts} " \
+               f"host{'s' * (t.hosts > 1)}"
+        if self.estimate is not None:
+            head += f", mesh {self.estimate.mesh}, attention {self.attention!r}, remat {self.estimate.remat!r}"
         if self.error:
             return f"{head}\n  DOES NOT COMPILE ({self.seconds:.0f} s): {self.error}"
         est = self.estimate.total
@@ -331,7 +334,10 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
     from jaxtune.train import loop
 
     devices = len(target.devices)
-    est = estimate_mod.estimate(cfg, devices, platform=target.platform, capacity=target.chip.hbm)
+    try:
+        est = estimate_mod.estimate(cfg, devices, platform=target.platform, capacity=target.chip.hbm)
+    except JaxtuneError as e:  # e.g. a batch this slice's mesh does not divide: that row, not the whole table
+        return Report(target, None, 0.0, error=str(e))
     cfg = estimate_mod.with_remat(cfg, est.remat)
     run = estimate_mod.abstract_run(cfg, platform=target.platform)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=target.devices)
@@ -372,14 +378,20 @@ def train_args(cfg, run, steps) -> tuple:
 
 
 def checks(report: Report, run, cfg) -> list[str]:
-    """The HLO checks: involuntary rematerialization, the vocabulary matrices gathered whole, and
-    float32 [B, T, vocab] logits."""
-    mcfg, stats = run.model_cfg, report.stats
+    """The HLO checks: involuntary rematerialization, the vocabulary matrices gathered whole (their
+    hidden dimension; the vocabulary may stay split over `tensor`), and float32 [B, T, vocab] logits
+    (a buffer as large as a device's logits of its whole micro-batch, where the loss is chunked)."""
+    mcfg, stats, mesh = run.model_cfg, report.stats, report.estimate.mesh
     v, d, t = mcfg.vocab_size, mcfg.hidden_size, cfg.data.seq_len
+    vocab = {v, v // mesh["tensor"]}
     out = [f"involuntary full rematerialization: {report.remat_warnings or 'none'}"]
-    whole = sum(n for dims, n in stats.gathers_of.items() if sorted(dims[-2:]) == sorted((v, d)))
-    out.append(f"whole [vocab, hidden] matrices gathered per micro-step: {whole}")
-    logits = [dims for dt, dims in stats.buffers if dt == "f32" and v in dims and t in dims]
+    gathered = sum(n for dims, n in stats.gathers_of.items() if len(dims) >= 2 and (
+        (dims[-2] in vocab and dims[-1] == d) or (dims[-2] == d and dims[-1] in vocab)))
+    out.append(f"whole [vocab, hidden] matrices gathered per micro-step: {gathered}")
+    rows = max(1, cfg.train.micro_batch_size // (mesh["data"] * mesh["fsdp"]))
+    chunked = chunk_size(t, cfg.train.loss_chunk) < t  # else one chunk is the whole row, as the config asks
+    logits = [dims for dt, dims in stats.buffers if chunked and dt == "f32" and vocab & set(dims)
+              and math.prod(dims) >= rows * t * v // mesh["tensor"]]
     out.append(f"float32 [B, T, vocab] buffers: {', '.join(map(str, logits)) if logits else 'none'}")
     return out
 
@@ -416,8 +428,9 @@ def markdown_table(reports: list) -> str:
     for path, r in reports:
         name = os.path.basename(path).removesuffix(".py")
         if r.error:
-            rows.append(f"| {name} | {r.target.name} | no: {r.error.split('.')[0]} | – | {r.estimate.total / GiB:.2f} "
-                        f"| – | – | {r.seconds:.0f} |")
+            est = f"{r.estimate.total / GiB:.2f}" if r.estimate else "–"
+            rows.append(f"| {name} | {r.target.name} | no: {r.error.split(';')[0].split('. ')[0]} | – | {est} | – | – | "
+                        f"{r.seconds:.0f} |")
             continue
         rows.append(f"| {name} | {r.target.name} | {'yes' if r.fits else 'no'} | {r.peak / GiB:.2f} | "
                     f"{r.estimate.total / GiB:.2f} | {r.flops / 1e12:.2f} | {r.mfu:.2f} | {r.seconds:.0f} |")

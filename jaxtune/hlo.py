@@ -145,7 +145,7 @@ def _tuple_index(instr: Instr | None, by_name: dict) -> int | None:
 
 def matmul_flops(instr: Instr, defs: dict) -> int:
     """2 x output elements x contracted elements of a dot or a convolution (TPU writes matmuls as
-    convolutions with dim_labels such as bf_io->bf)."""
+    convolutions with dim_labels such as bf_io->bf, or 0b2f1_1o2i0->0b1f2 with batch dimensions)."""
     out = shapes(instr.shape)
     if not out:
         return 0
@@ -156,12 +156,20 @@ def matmul_flops(instr: Instr, defs: dict) -> int:
         lhs = shapes(ops[0].shape)[0][1] if ops and ops[0] is not None else ()
         contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
         return 2 * out_elems * contracted
-    labels = re.search(r"dim_labels=\w+_(\w+)->", instr.rest)
-    if len(ops) < 2 or ops[1] is None or not labels:
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->", instr.rest)
+    if len(ops) < 2 or None in ops[:2] or not labels:
         return 0
-    kernel = shapes(ops[1].shape)[0][1]
-    o = labels.group(1).index("o")
-    return 2 * out_elems * math.prod(kernel) // max(kernel[o], 1)
+    lhs, kernel = shapes(ops[0].shape)[0][1], shapes(ops[1].shape)[0][1]
+    lhs_dims = dict(zip(labels.group(1), lhs))
+    # per output element: the input features times the window taps that land on the input (TPU writes
+    # batch dimensions of a dot as spatial ones whose window covers one input element)
+    contracted = 1
+    for label, size in zip(labels.group(2), kernel):
+        if label == "i":
+            contracted *= size
+        elif label.isdigit():
+            contracted *= min(size, lhs_dims.get(label, size))
+    return 2 * out_elems * contracted
 
 
 @dataclasses.dataclass
@@ -171,6 +179,7 @@ class Stats:
     kernels: int = 0  # Pallas/Mosaic/Triton custom calls executed per step (their FLOPs are not in `flops`)
     gathers_of: dict = dataclasses.field(default_factory=dict)  # result dims of all-gathers -> executions
     buffers: set = dataclasses.field(default_factory=set)  # (dtype, dims) of every instruction result
+    flops_by_op: dict = dataclasses.field(default_factory=dict)  # jax op_name (metadata) -> FLOPs
 
 
 def analyze(text: str) -> Stats:
@@ -196,11 +205,17 @@ def analyze(text: str) -> Stats:
             for dt, dims in shapes(instr.shape):
                 stats.buffers.add((dt, dims))
             if instr.op in ("dot", "convolution"):
-                stats.flops += times * matmul_flops(instr, defs)
+                flops = times * matmul_flops(instr, defs)
+                stats.flops += flops
+                op_name = re.search(r'op_name="([^"]*)"', instr.rest)
+                key = op_name.group(1) if op_name else instr.name
+                stats.flops_by_op[key] = stats.flops_by_op.get(key, 0) + flops
             kind = next((c for c in COLLECTIVES if instr.op in (c, c + "-start")), None)
             if kind:
                 out = shapes(instr.shape)
-                if instr.op.endswith("-start") and len(out) > 1:  # an async start: (operands..., results...)
+                if instr.op == "collective-permute-start":  # (operand, result, sync flags...)
+                    out = out[1:2]
+                elif instr.op.endswith("-start") and len(out) > 1:  # an async start: (operands..., results...)
                     out = out[len(out) // 2:]
                 chain = re.search(r'chain_id="(\w+)"', instr.rest)
                 if chain:
