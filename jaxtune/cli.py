@@ -315,9 +315,31 @@ def _add_model_commands(sub):
     p.set_defaults(func=cmd_verify)
 
 
+def no_tpu_probe() -> None:
+    """libtpu (jaxtune[tpu], the test extra) makes JAX look for a TPU at start-up and print a screen of
+    warnings where there is none. A TPU chip is a PCI device of Google's (vendor 0x1ae0): without one,
+    and without a GPU plugin, JAX is told to use the CPU. JAX_PLATFORMS, when set, always wins."""
+    import importlib.util
+    from pathlib import Path
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    pci = Path("/sys/bus/pci/devices")
+    if not pci.is_dir() or any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                                     "jax_rocm7_plugin")):
+        return
+    try:
+        if any(v.read_text().strip() == "0x1ae0" for v in pci.glob("*/vendor")):
+            return
+    except OSError:
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None) -> int:
     """Exit codes: 0 done; 2 bad input or a stopped run (the message says why); 75 stopped by a
     signal with a checkpoint saved, re-run to resume; 130 interrupted before training began; 1 a bug."""
+    no_tpu_probe()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -2,6 +2,7 @@
 does not have, and the fixes it showed: splash attention under a shard_map on multi-chip meshes, NF4
 codes a TPU does not pad 64x, the vocabulary matrices gathered once per step."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,24 @@ def test_gpu_topology_compiles_with_xla_gpu_when_its_plugin_is_installed(tiny_ar
     assert not report.error and report.fits and report.attention == "pallas", report.text()
     assert report.stats.kernels > 0 and report.stats.collectives["reduce-scatter"][0] > 0
     assert "whole [vocab, hidden] matrices gathered per micro-step: 2" in report.text()
+
+
+def test_no_tpu_probe_where_there_is_no_tpu_chip(monkeypatch):
+    """libtpu is installed (the test extra, jaxtune[tpu]): on a machine with no TPU chip (no PCI device of
+    Google's) and no GPU plugin, the command line tells JAX to use the CPU instead of letting libtpu probe
+    (a screen of warnings at the top of `make demo`); JAX_PLATFORMS, when set, wins."""
+    from pathlib import Path
+
+    from jaxtune import cli
+
+    import importlib.util
+
+    if any(v.read_text().strip() == "0x1ae0" for v in Path("/sys/bus/pci/devices").glob("*/vendor")) or \
+            importlib.util.find_spec("jax_cuda12_plugin"):
+        pytest.skip("a TPU host, or a GPU plugin installed")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    cli.no_tpu_probe()
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    cli.no_tpu_probe()
+    assert os.environ["JAX_PLATFORMS"] == "tpu,cpu"
