@@ -335,11 +335,12 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
 
     devices = len(target.devices)
     try:
-        est = estimate_mod.estimate(cfg, devices, platform=target.platform, capacity=target.chip.hbm)
+        est = estimate_mod.estimate(cfg, devices, platform=target.platform, capacity=target.chip.hbm,
+                                    device_kind=target.chip.device_kind)
     except JaxtuneError as e:  # e.g. a batch this slice's mesh does not divide: that row, not the whole table
         return Report(target, None, 0.0, error=str(e))
     cfg = estimate_mod.with_remat(cfg, est.remat)
-    run = estimate_mod.abstract_run(cfg, platform=target.platform)
+    run = estimate_mod.abstract_run(cfg, platform=target.platform, device_kind=target.chip.device_kind)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=target.devices)
     shardings = [sharding.state_shardings(s, mesh) for s in (run.trainable, run.frozen, run.opt_state)]
     steps = loop.jit_steps(cfg, mesh, run.graphdef, run.tx, *shardings, loop.BATCH_FIELDS)
@@ -352,7 +353,9 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
         with captured_stderr() as warnings:
             compiled = steps.train_step.lower(*args).compile()
             evaluated = steps.eval_step.lower(args[0], args[1], args[3]).compile() if eval_step else None
-    except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:  # the compiler's verdict, named
+    except Exception as e:  # the compiler's verdict (XLA, Mosaic, Triton errors alike), named
+        if isinstance(e, (TypeError, KeyError, AttributeError)):  # a bug of jaxtune's, not a verdict
+            raise
         report.seconds = time.perf_counter() - start
         report.error = failure(e, cfg)
         return report

@@ -30,15 +30,23 @@ BLOCKED_BLOCK = 128  # fastest of 64..512 at T = 512 and 2048 on CPU (forward + 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
-def resolve(name: str, seq_len: int, window: int | None, platform: str | None = None) -> tuple[str, str]:
-    """(backend, why) for `model.attention = name` on this platform; an explicit choice the platform
-    cannot run is an error naming the key, "auto" never fails."""
-    platform = platform or jax.default_backend()
+NO_SPLASH = ("TPU v2", "TPU v3")  # Mosaic has no bfloat16 matmul there (E2001, found by jaxtune compile)
+
+
+def resolve(name: str, seq_len: int, window: int | None, platform: str | None = None,
+            device_kind: str | None = None) -> tuple[str, str]:
+    """(backend, why) for `model.attention = name` on this platform (default: this machine's, and its
+    device kind); an explicit choice the platform cannot run is an error naming the key, "auto" never fails."""
+    if platform is None:
+        platform, device_kind = jax.default_backend(), device_kind or jax.devices()[0].device_kind
     platform = "gpu" if platform in ("cuda", "rocm") else platform
     if name not in BACKENDS:
         raise JaxtuneError(f"model.attention must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "splash" and device_kind in NO_SPLASH:
+        raise JaxtuneError(f"model.attention='splash' does not compile on {device_kind} (no bfloat16 matmul in "
+                           "its Pallas kernels); use 'auto' (blocked there)")
     if name == "auto":
-        if platform == "tpu" and seq_len % 128 == 0:
+        if platform == "tpu" and seq_len % 128 == 0 and device_kind not in NO_SPLASH:
             return "splash", "auto: splash attention on TPU"
         if platform == "gpu":
             if window is None and seq_len % 64 == 0:

@@ -171,7 +171,7 @@ class AbstractRun:
     quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
 
 
-def abstract_run(cfg, platform: str | None = None) -> AbstractRun:
+def abstract_run(cfg, platform: str | None = None, device_kind: str | None = None) -> AbstractRun:
     """The run's model (NF4 kernels for QLoRA, LoRA attached) and optimizer state, without weights;
     the attention backend as `platform` (default: this machine's) resolves model.attention."""
     from jaxtune.train import optim
@@ -182,7 +182,8 @@ def abstract_run(cfg, platform: str | None = None) -> AbstractRun:
     mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                           source=f"{cfg.model.path}/config.json")
     try:  # the backend training here would use; a kernel named for another platform is estimated as is
-        backend, _ = attention.resolve(cfg.model.attention, cfg.data.seq_len, mcfg.sliding_window, platform)
+        backend, _ = attention.resolve(cfg.model.attention, cfg.data.seq_len, mcfg.sliding_window, platform,
+                                       device_kind)
     except JaxtuneError:
         backend = cfg.model.attention
     mcfg = dataclasses.replace(mcfg, attention=backend)
@@ -337,34 +338,35 @@ def with_remat(cfg, policy: str):
     return cfg
 
 
-def estimate(cfg, devices: int | None = None, platform: str | None = None, capacity: int | None = None) -> Estimate:
+def estimate(cfg, devices: int | None = None, platform: str | None = None, capacity: int | None = None,
+             device_kind: str | None = None) -> Estimate:
     """Memory per device of the run `cfg` on `devices` devices (default: those visible here) of
     `platform` (default: this machine's; it picks the attention kernel and the calibration).
     model.remat='auto' resolves: CPU_REMAT on CPU; on an accelerator the least recomputation that fits
     `capacity` bytes (default: this device's) — 'none', the fastest, else 'dots', else 'full'."""
     platform = platform or jax.default_backend()
     if cfg.model.remat != "auto":
-        return _estimate(cfg, devices, platform)
+        return _estimate(cfg, devices, platform, device_kind)
     if platform == "cpu":
-        est = _estimate(with_remat(cfg, CPU_REMAT), devices, platform)
+        est = _estimate(with_remat(cfg, CPU_REMAT), devices, platform, device_kind)
         return dataclasses.replace(est, remat_why=f"auto: {CPU_REMAT!r} on CPU (recomputing element-wise ops is "
                                                   "faster there than keeping them)")
     limit = capacity or device_memory()
     for policy in ("none", "dots", "full"):
-        est = _estimate(with_remat(cfg, policy), devices, platform)
+        est = _estimate(with_remat(cfg, policy), devices, platform, device_kind)
         if limit is None or est.fits(limit):
             return dataclasses.replace(est, remat_why=f"auto: {policy!r}, the least recomputation that fits "
                                                       f"({est.total / GiB:.1f} GiB per device)")
     return dataclasses.replace(est, remat_why="auto: 'full' (the most recomputation; even it may not fit)")
 
 
-def _estimate(cfg, devices: int | None, platform: str) -> Estimate:
+def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None = None) -> Estimate:
     """`estimate` of a config that names its remat policy."""
     from jaxtune.train.step import chunk_size
 
     devices = devices or jax.device_count()
     mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices))
-    run = abstract_run(cfg, platform)
+    run = abstract_run(cfg, platform, device_kind)
     mcfg = run.model_cfg
     frozen, trainable = per_device_bytes(run.frozen, mesh), per_device_bytes(run.trainable, mesh)
     optimizer = per_device_bytes(run.opt_state, mesh)

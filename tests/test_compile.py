@@ -153,3 +153,17 @@ def test_no_tpu_probe_where_there_is_no_tpu_chip(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
     cli.no_tpu_probe()
     assert os.environ["JAX_PLATFORMS"] == "tpu,cpu"
+
+
+def test_tpu_v3_gets_blocked_attention_because_splash_does_not_compile_there(tiny_arch, tmp_path):
+    """Mosaic has no bfloat16 matmul on TPU v2/v3 (E2001 CompileTimeMosaicUnsupportedRhsType, found by
+    compiling the 8B QLoRA preset for v3-8): `auto` picks the blocked attention there, and an explicit
+    'splash' is refused with the reason."""
+    from jaxtune import attention
+    from jaxtune.errors import JaxtuneError
+
+    report = compiled(tiny_arch, tmp_path, "lora", "v3-8", 1024, 8)
+    assert not report.error and report.fits and report.attention == "blocked", report.text()
+    with pytest.raises(JaxtuneError, match="does not compile on TPU v3"):
+        attention.resolve("splash", 1024, None, "tpu", "TPU v3")
+    assert attention.resolve("auto", 1024, None, "tpu", "TPU v4")[0] == "splash"
