@@ -19,9 +19,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxtune import estimate as estimate_mod, hlo, sharding
 from jaxtune.errors import JaxtuneError
+from jaxtune.models.llama import parameter_count
 from jaxtune.train.step import chunk_size
 
 GiB = 1024**3
@@ -292,9 +294,7 @@ def model_flops(run: estimate_mod.AbstractRun, method: str, tokens: int, seq_len
     """Model FLOPs of one micro-step (PaLM's count: 2 per weight per token forward, x3 with weight
     gradients, x2 for LoRA/QLoRA whose frozen weights get none; causal attention 2·T·d per layer)."""
     cfg = run.model_cfg
-    model = estimate_mod.nnx.merge(run.graphdef, run.trainable, run.frozen)
-    from jaxtune.models.llama import parameter_count
-
+    model = nnx.merge(run.graphdef, run.trainable, run.frozen)
     weights = parameter_count(model) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     forward = 2 * weights + 2 * seq_len * cfg.num_heads * cfg.head_dim * cfg.num_layers
     return (3 if method == "full" else 2) * forward * tokens
