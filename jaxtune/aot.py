@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune import estimate as estimate_mod, hlo, sharding
+from jaxtune.data import packing
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import parameter_count
 from jaxtune.train.step import chunk_size
@@ -230,8 +231,7 @@ class Report:
     @property
     def peak(self) -> int:
         """The compiler's bytes per device: arguments + outputs + temporaries, less what donation aliases."""
-        m = self.memory
-        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        return _peak(self.memory)
 
     @property
     def fits(self) -> bool:
@@ -343,8 +343,8 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
     run = estimate_mod.abstract_run(cfg, platform=target.platform, device_kind=target.chip.device_kind)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=target.devices)
     shardings = [sharding.state_shardings(s, mesh) for s in (run.trainable, run.frozen, run.opt_state)]
-    steps = loop.jit_steps(cfg, mesh, run.graphdef, run.tx, *shardings, loop.BATCH_FIELDS)
-    args = train_args(cfg, run, steps)
+    steps = loop.jit_steps(cfg, mesh, run.graphdef, run.tx, *shardings, packing.ROW_FIELDS)
+    args = train_args(cfg, steps, run.trainable, run.frozen, run.opt_state)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     report = Report(target, est, 0.0, tokens=tokens, attention=run.model_cfg.attention, chips=mesh.size,
                     model_flops=model_flops(run, cfg.method, tokens, cfg.data.seq_len))
@@ -369,15 +369,16 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
     return report
 
 
-def train_args(cfg, run, steps) -> tuple:
-    """Abstract arguments of the train step, each with the sharding the loop gives it."""
+def train_args(cfg, steps, trainable, frozen, opt_state) -> tuple:
+    """The train step's arguments (the batch, scalar, key and flags abstract), each with the sharding
+    the loop gives it."""
     b, t = cfg.train.micro_batch_size, cfg.data.seq_len
     batch = {name: jax.ShapeDtypeStruct((b, t), jnp.float32 if name == "weights" else jnp.int32,
                                         sharding=steps.batch_sharding) for name in steps.batch_fields}
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     flags = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=steps.flag_sharding)
-    return run.trainable, run.frozen, run.opt_state, batch, scalar, key, flags
+    return trainable, frozen, opt_state, batch, scalar, key, flags
 
 
 def checks(report: Report, run, cfg) -> list[str]:
@@ -404,8 +405,7 @@ def compiled_summary(cfg, steps, trainable, frozen, opt_state, est) -> str:
     the compiler's memory per device beside the estimate, the matmul FLOPs and, on an accelerator
     whose peak is known, the tokens/s ceiling."""
     b, t = cfg.train.micro_batch_size, cfg.data.seq_len
-    run = estimate_mod.AbstractRun(None, None, trainable, frozen, None, opt_state)
-    args = train_args(cfg, run, steps)
+    args = train_args(cfg, steps, trainable, frozen, opt_state)
     start = time.perf_counter()
     compiled = steps.train_step.lower(*args).compile()
     seconds = time.perf_counter() - start

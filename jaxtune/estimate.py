@@ -344,7 +344,8 @@ def estimate(cfg, devices: int | None = None, platform: str | None = None, capac
     `platform` (default: this machine's; it picks the attention kernel and the calibration).
     model.remat='auto' resolves: CPU_REMAT on CPU; on an accelerator the least recomputation that fits
     `capacity` bytes (default: this device's) — 'none', the fastest, else 'dots', else 'full'."""
-    platform = platform or jax.default_backend()
+    if platform is None:  # this machine: its device kind decides too (no splash on TPU v2/v3)
+        platform, device_kind = jax.default_backend(), device_kind or jax.devices()[0].device_kind
     if cfg.model.remat != "auto":
         return _estimate(cfg, devices, platform, device_kind)
     if platform == "cpu":

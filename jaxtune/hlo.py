@@ -28,7 +28,7 @@ def shapes(text: str) -> list[tuple[str, tuple]]:
 
 
 def nbytes(dtype: str, dims: tuple) -> int:
-    return math.prod(dims) * BYTES.get(dtype, 1) if not dtype.startswith("f8") else math.prod(dims)
+    return math.prod(dims) * BYTES.get(dtype, 1)  # float8 and the rest: one byte
 
 
 @dataclasses.dataclass

@@ -138,9 +138,7 @@ def to_words(packed, shape: tuple):
     codes = xp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], out_dim, in_dim)
     planes = codes.reshape(*codes.shape[:-1], WORD_NIBBLES, in_dim // WORD_NIBBLES).astype(xp.uint32)
     shifts = (4 * xp.arange(WORD_NIBBLES, dtype=xp.uint32))[:, None]
-    words = (planes << shifts).sum(axis=-2, dtype=xp.uint32) if xp is np else jnp.sum(planes << shifts, axis=-2,
-                                                                                    dtype=jnp.uint32)
-    return words.reshape(*packed.shape[:-1], -1)
+    return (planes << shifts).sum(axis=-2, dtype=xp.uint32).reshape(*packed.shape[:-1], -1)
 
 
 def from_words(words, shape: tuple) -> np.ndarray:

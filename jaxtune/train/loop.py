@@ -214,9 +214,6 @@ def opt_shardings(tx: optax.GradientTransformation, model: Model):
     return sharding.state_shardings(jax.eval_shape(tx.init, model.trainable), model.mesh)
 
 
-BATCH_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")  # packing.pack's rows
-
-
 def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
     """The train and eval steps with the shardings of the arrays they take. The train step is compiled
     here, once (the loop's calls reuse it), and what the compiler says is printed beside the estimate."""
