@@ -9,12 +9,16 @@ row of T tokens per step (several documents per row, segment ids), plus QLoRA (N
 transformers + peft LoRA. Each row runs in its own subprocess (its own peak memory and an OOM that
 only fails its row). Columns: tokens/s (median step), MFU = model FLOPs per token x tokens/s / peak,
 against both the chip's datasheet bf16 peak and a measured bf16 matmul peak, and peak device memory
-(`memory_stats()['peak_bytes_in_use']`, torch's `max_memory_allocated`).
+(`memory_stats()['peak_bytes_in_use']`, torch's `max_memory_allocated`), beside what the compiler said
+before the step ran: XLA's own figure for the step on this device (arguments + outputs + temporaries -
+donated) and the same step compiled for jaxtune's description of the card (`aot.CARDS`), which is what
+`jaxtune compile --topology h100-1` reports on a machine without one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,7 +61,8 @@ def packed_row(vocab: int, seq: int, batch: int, seed: int = 0) -> dict:
             "segment_ids": segments, "positions": positions}
 
 
-def run_jaxtune(shape: str, method: str, seq: int, batch: int, steps: int, remat: str, attention_name: str) -> dict:
+def run_jaxtune(shape: str, method: str, seq: int, batch: int, steps: int, remat: str, attention_name: str,
+                card: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -72,9 +77,13 @@ def run_jaxtune(shape: str, method: str, seq: int, batch: int, steps: int, remat
     hf = {"model_type": "llama", "rms_norm_eps": 1e-5, **SHAPES[shape]}
     backend, _ = attention.resolve(attention_name, seq, None)
     cfg = config_from_hf(hf, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention=backend)
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    if method == "qlora":
-        quantize_in_place(model, quant.QuantOptions(LINEAR_MODULES))
+    if method == "qlora":  # built on the host and quantized before it reaches the device (as loading does):
+        with jax.default_device(jax.devices("cpu")[0]):  # the dense bf16 model would be the device's peak
+            model = Llama(cfg, rngs=nnx.Rngs(0))
+            quantize_in_place(model, quant.QuantOptions(LINEAR_MODULES))
+        nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    else:
+        model = Llama(cfg, rngs=nnx.Rngs(0))
     if method in ("lora", "qlora"):
         lora.add_lora(model, rank=16, alpha=32, dropout=0.0, targets="all-linear")
     graphdef, trainable, frozen = lora.split_trainable(model, method)
@@ -83,21 +92,27 @@ def run_jaxtune(shape: str, method: str, seq: int, batch: int, steps: int, remat
     opt_state = tx.init(trainable)
     step = jax.jit(make_train_step(graphdef, tx, 1024), donate_argnums=(0, 2))
     batch_arrays = {k: jnp.asarray(v) for k, v in packed_row(cfg.vocab_size, seq, batch).items()}
+    tokens = jnp.float32(batch * seq)
+    start = time.perf_counter()
+    compiler, described, compiled = compiler_peaks(step, (trainable, frozen, opt_state, batch_arrays, tokens, None), card)
+    compile_s = time.perf_counter() - start
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch_arrays, jnp.float32(batch * seq), None)
+        trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, batch_arrays, tokens, None)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     stats = jax.devices()[0].memory_stats() or {}
-    return {"step_s": statistics.median(times[1:]), "compile_s": times[0], "trainable": int(n_trainable),
-            "peak_bytes": stats.get("peak_bytes_in_use"), "attention": backend,
-            "loss": float(metrics["loss_sum"] / metrics["tokens"])}
+    return {"step_s": statistics.median(times[1:]), "compile_s": compile_s, "trainable": int(n_trainable),
+            "peak_bytes": stats.get("peak_bytes_in_use"), "attention": backend, "compiler_bytes": compiler,
+            "described_bytes": described, "loss": float(metrics["loss_sum"] / metrics["tokens"])}
 
 
 def quantize_in_place(model, options):
-    """NF4 kernels for a randomly initialised model (what from_pretrained does while loading)."""
+    """NF4 kernels of random codes and scales for a randomly initialised model: the same arrays, layout
+    and work per step as a quantized checkpoint, without quantizing 7B weights on the host first
+    (numpy: ~4 s per 4096 x 14336 matrix)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -105,15 +120,37 @@ def quantize_in_place(model, options):
     from jaxtune import quant
     from jaxtune.models.llama import NF4Kernel
 
+    rng = np.random.default_rng(0)
     for name in options.modules:
         linear = getattr(model.layers, name)
-        kernel = linear.kernel  # [layers, in, out]
-        layers = [quant.quantize(np.ascontiguousarray(np.asarray(k.astype(jnp.float32)).T),
-                                 blocksize=options.blocksize, double_quant=options.double_quant) for k in kernel[...]]
-        nf4 = NF4Kernel(jax.tree.map(lambda *xs: np.stack(xs), *layers), kernel.axes)
-        for _, var in nnx.to_flat_state(nnx.state(nf4)):
+        layers, d_in, d_out = linear.kernel.shape
+        n = d_in * d_out
+        blocks = n // options.blocksize
+        nf4 = quant.NF4(rng.integers(0, 2**32, (layers, n // quant.WORD_NIBBLES), dtype=np.uint32),
+                        rng.integers(0, 256, (layers, blocks), dtype=np.uint8), (d_out, d_in), options.blocksize,
+                        rng.random((layers, -(-blocks // quant.NESTED_BLOCKSIZE)), dtype=np.float32) * 0.1,
+                        np.full((layers,), 0.05, np.float32), layout="words")
+        kernel = NF4Kernel(nf4, linear.kernel.axes)
+        for _, var in nnx.to_flat_state(nnx.state(kernel)):
             var.set_value(jnp.asarray(var[...]))
-        linear.kernel = nf4
+        linear.kernel = kernel
+
+
+def compiler_peaks(step, args, card: str | None) -> tuple:
+    """(this device's compiler, XLA:GPU compiling for jaxtune's description of `card`): bytes of the
+    step (arguments + outputs + temporaries - donated), and the compiled step. The second is what
+    `jaxtune compile --topology h100-1` reports on a machine without the GPU."""
+    import jax
+
+    from jaxtune import aot
+
+    compiled = step.lower(*args).compile()
+    described = None
+    if card:
+        device = jax.sharding.SingleDeviceSharding(aot.target(card).devices[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), args)
+        described = aot._peak(step.lower(*abstract).compile().memory_analysis())
+    return aot._peak(compiled.memory_analysis()), described, compiled
 
 
 def run_peft(shape: str, seq: int, batch: int, steps: int, remat: str) -> dict:
@@ -182,20 +219,32 @@ def main():
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--rows", default=",".join(f"{s}:{m}" for s, m in ROWS))
     parser.add_argument("--timeout", type=int, default=240, help="seconds per row")
+    parser.add_argument("--card", default="auto", help="also compile each jaxtune row for jaxtune's description of "
+                        "this card (aot.CARDS, e.g. h100-1), as `jaxtune compile` does without the GPU; 'auto': "
+                        "the card this is, 'none': skip")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         side, shape, method = args.child.split(":")
-        result = (run_jaxtune(shape, method, args.seq, args.batch, args.steps, args.remat, args.attention)
+        result = (run_jaxtune(shape, method, args.seq, args.batch, args.steps, args.remat, args.attention,
+                              None if args.card == "none" else args.card)
                   if side == "jaxtune" else run_peft(shape, args.seq, args.batch, args.steps, args.remat))
         print(json.dumps(result))
         return
+    # this process only probes the matmul peak: without this JAX would hold 75% of the GPU's memory here
+    # while each row's process needs it (every row then failed with RESOURCE_EXHAUSTED)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     kind, measured = matmul_peak()
+    child_env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    if args.card == "auto":
+        from jaxtune import aot
+
+        args.card = next((f"{key}-1" for key, card in aot.CARDS.items() if card.name == kind), "none")
     sheet = datasheet_peak(kind)
     print(f"device: {kind}; bf16 peak: datasheet {sheet / 1e12 if sheet else float('nan'):.0f} TFLOP/s, "
           f"measured matmul {measured / 1e12:.0f} TFLOP/s; T={args.seq}, batch {args.batch}, remat {args.remat}")
     header = (f"{'shape':<14}{'run':<18}{'attention':<10}{'tokens/s':>10}{'MFU sheet':>10}{'MFU meas.':>10}"
-              f"{'peak GiB':>10}{'compile s':>10}{'vs peft':>9}")
+              f"{'peak GiB':>10}{'XLA GiB':>9}{'described':>10}{'compile s':>10}{'vs peft':>9}")
     print(header)
     table = []
     for shape in args.shapes.split(","):
@@ -205,14 +254,15 @@ def main():
             side, method = row.split(":")
             cmd = [sys.executable, __file__, "--child", f"{side}:{shape}:{method}", "--seq", str(args.seq),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--remat", args.remat,
-                   "--attention", args.attention]
+                   "--attention", args.attention, "--card", args.card]
             try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=child_env)
                 r = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {
                     "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:60]}
             except subprocess.TimeoutExpired:
                 r = {"error": f"over {args.timeout} s"}
             results[(side, method)] = r
+            print(json.dumps({"shape": shape, "row": row, **r}), flush=True)  # kept if a later row hangs
         peft = results.get(("peft", "lora"), {})
         if "step_s" in peft:
             peft_tps = args.batch * args.seq / peft["step_s"]
@@ -227,9 +277,11 @@ def main():
             mfu_sheet = flops * tps / sheet if sheet else None
             mfu_meas = flops * tps / measured
             peak = r["peak_bytes"] / 2**30 if r.get("peak_bytes") else float("nan")
+            gib = lambda key: r[key] / 2**30 if r.get(key) else float("nan")  # noqa: E731
             ratio = tps / peft_tps if peft_tps and side == "jaxtune" and method == "lora" else None
             print(f"{shape:<14}{name:<18}{r['attention']:<10}{tps:>10.0f}"
-                  f"{(f'{mfu_sheet:.1%}' if mfu_sheet else '-'):>10}{mfu_meas:>10.1%}{peak:>10.1f}"
+                  f"{(f'{mfu_sheet:.1%}' if mfu_sheet else '-'):>10}{mfu_meas:>10.1%}{peak:>10.2f}"
+                  f"{gib('compiler_bytes'):>9.2f}{gib('described_bytes'):>10.2f}"
                   f"{r['compile_s']:>10.0f}{(f'{ratio:.2f}x' if ratio else ''):>9}")
             table.append({"shape": shape, "run": name, "tokens_per_s": round(tps), "mfu_datasheet": mfu_sheet,
                           "mfu_measured": mfu_meas, "peak_gib": peak, **r})

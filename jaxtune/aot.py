@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import hashlib
+import json
 import math
 import os
 import re
 import tempfile
 import time
+import types
+from importlib import metadata
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import estimate as estimate_mod, hlo, sharding
+from jaxtune import atomic, estimate as estimate_mod, hlo, sharding
+from jaxtune.cache import cache_dir
 from jaxtune.data import packing
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import parameter_count
@@ -227,6 +234,7 @@ class Report:
     checks: list = dataclasses.field(default_factory=list)
     chips: int = 0  # devices the run's mesh spans (a one-chip preset uses one of the slice's)
     kernel_flops: float = 0.0  # attention inside Pallas kernels, per device, counted analytically
+    cached: bool = False  # the compiler's answer came from the compile cache (same program, same compiler)
 
     @property
     def peak(self) -> int:
@@ -269,7 +277,8 @@ class Report:
                  f"  ceiling at the {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak: {self.tokens / self.step_seconds:,.0f}"
                  f" tokens/s, MFU <= {self.mfu:.2f} (no step is faster; communication and memory-bound work "
                  f"come on top)",
-                 f"  compile: {self.seconds:.0f} s",
+                 f"  compile: {self.seconds:.0f} s" + (" (the answer of an earlier identical compile, from "
+                                                       f"{cache_dir() / 'compile'})" if self.cached else ""),
                  "  collectives per micro-step: " + (", ".join(
                      f"{k} {n} ({b / GiB:.2f} GiB)" for k, (n, b) in sorted(self.stats.collectives.items()))
                      or "none")]
@@ -351,22 +360,80 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
     start = time.perf_counter()
     try:
         with captured_stderr() as warnings:
-            compiled = steps.train_step.lower(*args).compile()
-            evaluated = steps.eval_step.lower(args[0], args[1], args[3]).compile() if eval_step else None
+            lowered = [steps.train_step.lower(*args)]
+            lowered += [steps.eval_step.lower(args[0], args[1], args[3])] if eval_step else []
+            key = cache_key(lowered, target)
+            result = cached(key)
+            compiled = None if result else [step.compile() for step in lowered]
     except Exception as e:  # the compiler's verdict (XLA, Mosaic, Triton errors alike), named
         if isinstance(e, (TypeError, KeyError, AttributeError)):  # a bug of jaxtune's, not a verdict
             raise
         report.seconds = time.perf_counter() - start
         report.error = failure(e, cfg)
         return report
-    report.seconds = time.perf_counter() - start
-    report.memory, report.eval_memory = compiled.memory_analysis(), evaluated and evaluated.memory_analysis()
-    report.stats = hlo.analyze(compiled.as_text())
+    if result is None:
+        result = {"seconds": time.perf_counter() - start, "hlo": compiled[0].as_text(),
+                  "memory": [_memory_dict(c.memory_analysis()) for c in compiled],
+                  "remat_warnings": sum("involuntary full rematerialization" in line for line in warnings)}
+        store(key, result)
+    report.cached, report.seconds = compiled is None, result["seconds"]
+    memories = [types.SimpleNamespace(**m) for m in result["memory"]] + [None]
+    report.memory, report.eval_memory = memories[0], memories[1]
+    report.stats = hlo.analyze(result["hlo"])
     if report.stats.kernels:
         report.kernel_flops = kernel_attention_flops(run.model_cfg, cfg, mesh.size)
-    report.remat_warnings = sum("involuntary full rematerialization" in line for line in warnings)
+    report.remat_warnings = result["remat_warnings"]
     report.checks = checks(report, run, cfg)
     return report
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+                 "generated_code_size_in_bytes")
+
+
+def _memory_dict(m) -> dict:
+    return {name: int(getattr(m, name)) for name in MEMORY_FIELDS}
+
+
+def compiler_versions() -> str:
+    """The packages whose compiler gave the answer: a new libtpu or plugin is a new cache key."""
+    found = []
+    for name in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda13-plugin"):
+        try:
+            found.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return " ".join(found)
+
+
+def cache_key(lowered: list, target: Target) -> str:
+    """The same program (the lowered StableHLO) for the same target by the same compiler and flags
+    compiles to the same thing: a re-run of the table costs lowering, not compiling (8B: minutes)."""
+    parts = [target.name, compiler_versions(), os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", "")]
+    digest = hashlib.sha256("\n".join(parts).encode())
+    for step in lowered:
+        digest.update(step.as_text().encode())
+    return digest.hexdigest()
+
+
+def _cache_path(key: str) -> Path:
+    return cache_dir() / "compile" / f"{key}.json.gz"
+
+
+def cached(key: str) -> dict | None:
+    """A stored compile result (None when absent or unreadable: then it is compiled again)."""
+    try:
+        return json.loads(gzip.decompress(_cache_path(key).read_bytes()))
+    except (OSError, ValueError):
+        return None
+
+
+def store(key: str, result: dict) -> None:
+    try:
+        _cache_path(key).parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_file(_cache_path(key), lambda f: f.write(gzip.compress(json.dumps(result).encode())), binary=True)
+    except OSError:  # a read-only cache costs a re-compile next time, nothing else
+        pass
 
 
 def train_args(cfg, steps, trainable, frozen, opt_state) -> tuple:

@@ -28,6 +28,12 @@ SETTINGS = {  # per method: what the presets do (QLoRA on one chip, LoRA and ful
 }
 
 
+@pytest.fixture(autouse=True)
+def own_compile_cache(tmp_path, monkeypatch):
+    """Each test compiles for real (a cache of the user's would answer from an earlier run)."""
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
+
+
 def architecture(tmp_path_factory, name, values):
     path = tmp_path_factory.mktemp(name)
     (path / "config.json").write_text(json.dumps(values))
@@ -89,6 +95,17 @@ def test_tiny_model_compiles_for_tpu_slices(tiny_arch, tmp_path, topology, metho
     report = compiled(tiny_arch, tmp_path, method, topology, 1024, 8, eval_step=method == "lora")
     check(report, vocab_matrices=0 if method == "qlora" else 2)
     assert (report.eval_memory is not None) == (method == "lora")
+
+
+def test_an_identical_compile_is_answered_from_the_cache(tiny_arch, tmp_path):
+    """The same program for the same target by the same compiler: the second `jaxtune compile` costs the
+    lowering only (an 8B row takes minutes to compile), with the same figures; another target compiles."""
+    first = compiled(tiny_arch, tmp_path, "lora", "v4-8", 1024, 8)
+    again = compiled(tiny_arch, tmp_path, "lora", "v4-8", 1024, 8)
+    assert not first.cached and again.cached and "earlier identical compile" in again.text()
+    assert (again.peak, again.flops, again.seconds, again.stats.collectives) == (
+        first.peak, first.flops, first.seconds, first.stats.collectives)
+    assert not compiled(tiny_arch, tmp_path, "lora", "v4-8", 512, 8).cached  # another program
 
 
 @pytest.mark.parametrize("method, topology", [("qlora", "v5e-8")])  # about 5 minutes each on 2 cores
