@@ -327,15 +327,28 @@ def failure(error: Exception, cfg) -> str:
     oom = re.search(r"(?:temporaries|required)[^(]*\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text)
     if "RESOURCE_EXHAUSTED" in text or oom:
         need = f" ({oom.group(1)} needed, {oom.group(2)} available)" if oom else ""
-        return (f"out of device memory{need}. Lower train.micro_batch_size={cfg.train.micro_batch_size} "
-                f"(raise train.grad_accum_steps to keep the batch) or data.seq_len={cfg.data.seq_len}, set "
-                "model.remat='full', spread the weights over more chips (mesh.fsdp=-1 on a larger slice), "
-                "or use method='qlora'")
+        return f"out of device memory{need}. " + "; ".join(memory_levers(cfg))
     if "Mosaic kernels cannot be automatically partitioned" in text:
         return ("a Pallas kernel sits outside a shard_map (jaxtune bug: please report it); "
                 "model.attention='blocked' compiles without it")
     first = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
     return f"{type(error).__name__}: {first[:400]}"
+
+
+def memory_levers(cfg) -> list[str]:
+    """The config keys that would lower memory per chip, only those not already at their floor."""
+    levers = []
+    if cfg.train.micro_batch_size > 1:
+        levers.append(f"lower train.micro_batch_size={cfg.train.micro_batch_size} (raise train.grad_accum_steps "
+                      "to keep the batch)")
+    if cfg.model.remat != "full":
+        levers.append(f"set model.remat='full' (now {cfg.model.remat!r})")
+    levers.append(f"shorten data.seq_len={cfg.data.seq_len}")
+    levers.append("spread the weights over more chips (mesh.fsdp=-1 on a larger slice)" if cfg.mesh.fsdp != 1 else
+                  "shard the weights over the slice's chips (mesh.fsdp=-1)")
+    if cfg.method != "qlora":
+        levers.append("use method='qlora' (a frozen NF4 base)")
+    return levers
 
 
 def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:

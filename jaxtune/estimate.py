@@ -95,6 +95,7 @@ class Estimate:
     remat_why: str = ""  # how model.remat='auto' resolved on this machine ('' when the config names a policy)
     quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
     calibration: str = "XLA:CPU"  # whose buffer assignment the constants were fitted on
+    phases: dict = dataclasses.field(default_factory=dict)  # the backward peak's candidates: loss, layer
 
     @property
     def total(self) -> int:
@@ -371,10 +372,8 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
     mcfg = run.model_cfg
     frozen, trainable = per_device_bytes(run.frozen, mesh), per_device_bytes(run.trainable, mesh)
     optimizer = per_device_bytes(run.opt_state, mesh)
+    sharding.check_batch(cfg.train.micro_batch_size, mesh.shape)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.micro_batch_size % batch_ways:
-        raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
-                           f"mesh data x fsdp = {batch_ways}")
     b, t, tensor = cfg.train.micro_batch_size // batch_ways, cfg.data.seq_len, mesh.shape["tensor"]
     act = jnp.dtype(mcfg.dtype).itemsize
     d, v = mcfg.hidden_size, mcfg.vocab_size
@@ -422,4 +421,4 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
     return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, quant_note=run.quant_note,
-                    calibration=cal.name)
+                    calibration=cal.name, phases={"loss": loss, "layer": layer})

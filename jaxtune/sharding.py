@@ -128,3 +128,14 @@ def constrain(x: jax.Array, axes) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))
+
+
+def check_batch(micro_batch: int, shape: dict) -> None:
+    """Each row of a micro-batch lives on one (data, fsdp) shard: the batch must split evenly."""
+    ways = shape["data"] * shape["fsdp"]
+    if micro_batch % ways:
+        up = -(-micro_batch // ways) * ways
+        raise JaxtuneError(f"train.micro_batch_size={micro_batch} must be a multiple of mesh data x fsdp = {ways}. "
+                           f"Each shard holds whole rows: set train.micro_batch_size={up} (lower "
+                           "train.grad_accum_steps to keep the batch), or shard the weights over fewer chips "
+                           "(mesh.fsdp) or replicate over more (mesh.tensor)")

@@ -121,10 +121,21 @@ def test_llama3_8b_widths_compile_fit_and_match_the_estimate(slice_8b, tmp_path,
 
 def test_a_run_that_does_not_fit_names_the_cause_and_the_keys(slice_8b, tmp_path):
     """Full fine-tuning of 8B widths on one v5e chip (16 GiB): the compiler's out-of-memory error becomes
-    one paragraph with the keys that would help; the command exits 2."""
+    one paragraph with the keys that would help (not those already at their floor)."""
     report = compiled(slice_8b, tmp_path, "full", "v5e-8", 2048, 1, **{"mesh.fsdp": 1})
-    assert "out of device memory" in report.error and "train.micro_batch_size" in report.error, report.error
+    assert "out of device memory" in report.error and "mesh.fsdp=-1" in report.error, report.error
+    assert "method='qlora'" in report.error and "data.seq_len=2048" in report.error, report.error
+    # only the levers not already pulled: the micro-batch is 1 and remat is already full
+    assert "micro_batch_size" not in report.error and "remat" not in report.error, report.error
     assert not report.fits
+
+
+def test_a_batch_the_slice_does_not_split_is_that_rows_error_with_the_value_that_would(tiny_arch, tmp_path):
+    report = compiled(tiny_arch, tmp_path, "lora", "v4-32", 1024, 8)  # 16 chips, 8 rows
+    assert not report.fits and "must be a multiple of mesh data x fsdp = 16" in report.error, report.error
+    assert "set train.micro_batch_size=16" in report.error
+    assert "| no: train.micro_batch_size=8 must be a multiple of mesh data x fsdp = 16 |" in aot.markdown_table(
+        [("c.py", report)])
 
 
 def test_unknown_topology_is_a_clear_error(tiny_arch, tmp_path):

@@ -154,10 +154,7 @@ def open_run_dir(cfg, data: Data) -> tuple[Checkpoints, dict]:
 def setup_model(cfg, model_dir: str) -> Model:
     """The mesh, the weights streamed onto it, LoRA attached, and the trainable ⟂ frozen split."""
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.micro_batch_size % batch_ways:
-        raise JaxtuneError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of "
-                           f"mesh data x fsdp = {batch_ways}")
+    sharding.check_batch(cfg.train.micro_batch_size, mesh.shape)
     est = check_fits(cfg, model_dir)
     remat = est.remat
     hf = read_hf_config(model_dir)
