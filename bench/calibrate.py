@@ -19,13 +19,16 @@ import sys
 
 import numpy as np
 
-CONSTANTS = ("residuals_kept", "logit_copies", "layer_cotangents", "blocked_score_copies", "tied_copies")
+CONSTANTS = ("residuals_kept", "logit_copies", "layer_cotangents", "blocked_score_copies", "tied_copies",
+             "largest_kernel_copies", "layer_kernels_f32")
 GRID = {
-    "residuals_kept": np.round(np.arange(0.2, 1.41, 0.05), 2),
-    "logit_copies": np.arange(0.0, 4.01, 0.5),
-    "layer_cotangents": np.round(np.arange(0.0, 2.01, 0.05), 2),
-    "blocked_score_copies": np.arange(0.0, 3.01, 0.25),
-    "tied_copies": np.arange(0.0, 3.01, 0.5),
+    "residuals_kept": np.round(np.arange(0.5, 1.21, 0.05), 2),
+    "logit_copies": np.array([2.0]),
+    "layer_cotangents": np.round(np.arange(0.0, 1.51, 0.05), 2),
+    "blocked_score_copies": np.array([0.0, 0.25, 0.5, 1.0, 1.5]),
+    "tied_copies": np.array([0.0, 1.0, 2.0]),
+    "largest_kernel_copies": np.array([0.0, 1.0, 2.0]),
+    "layer_kernels_f32": np.arange(0.0, 2.01, 0.25),
 }
 
 
@@ -101,7 +104,7 @@ def main():
         cfg = config.load(path, [])
         for name in args.topology:
             target = aot.target(name)
-            report = aot.compile_run(cfg, target, eval_step=False)
+            report = aot.compile_run(cfg, target)  # as `jaxtune compile` does: the same cache entry
             if report.memory is None:  # no figure to fit to (a compile error, or out of memory)
                 print(f"{path} on {name}: skipped ({report.error[:80]})", file=sys.stderr)
                 continue

@@ -51,10 +51,18 @@ class Calibration:
     layer_cotangents: float  # a layer's backward working set, relative to all its forward intermediates
     blocked_score_copies: float  # blocked attention's backward: score-sized arrays of all its blocks at once
     tied_copies: float = 2  # tied embeddings: the transposed output projection and its cotangent
+    largest_kernel_copies: float = 2  # QLoRA: the largest dequantized kernel of a layer, in the compute dtype
+    layer_kernels_f32: float = 0  # QLoRA: all of a layer's kernels dequantized in float32 at once (XLA:TPU)
 
 
 CALIBRATIONS = {
     "cpu": Calibration("XLA:CPU", residuals_kept=0.82, logit_copies=2, layer_cotangents=0.55, blocked_score_copies=1.5),
+    # fitted by bench/calibrate.py on libtpu 0.0.42.1's compiles of the 7 presets on v2-8 ... v6e-8 (24 that
+    # compile): estimate / compiler 0.91-1.13 (was 0.83-1.47 with XLA:CPU's constants). XLA:TPU keeps
+    # every layer input, dequantizes a QLoRA layer's kernels together in float32, and its splash kernels
+    # hold no scores; on small chips (v2, v5e) it schedules tighter than the estimate (the 1.13).
+    "tpu": Calibration("XLA:TPU", residuals_kept=1.0, logit_copies=2, layer_cotangents=0.45, blocked_score_copies=0.25,
+                       tied_copies=0, largest_kernel_copies=0, layer_kernels_f32=1.25),
 }
 
 
@@ -93,7 +101,7 @@ class Estimate:
     mesh: dict
     remat: str  # the policy estimated
     remat_why: str = ""  # how model.remat='auto' resolved on this machine ('' when the config names a policy)
-    quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
+    notes: str = ""  # printed first: a bitsandbytes 4-bit base trained as stored, a length past the model's
     calibration: str = "XLA:CPU"  # whose buffer assignment the constants were fitted on
     phases: dict = dataclasses.field(default_factory=dict)  # the backward peak's candidates: loss, layer
 
@@ -107,7 +115,7 @@ class Estimate:
     def text(self, devices_table: bool = True) -> str:
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         how = " (model.remat='auto' as resolved here: set it to plan another device)" if self.remat_why else ""
-        lines = [self.quant_note] if self.quant_note else []
+        lines = [self.notes] if self.notes else []
         lines.append(f"memory per device (mesh {mesh}, {self.devices} device{'s' * (self.devices > 1)}, "
                      f"remat {self.remat!r}{how}; calibrated on {self.calibration}):")
         for name, size in self.parts.items():
@@ -148,6 +156,23 @@ def read_architecture(model_path: str) -> dict:
                            "point model.path at it") from None
 
 
+LONGEST_EXTENSION = 16  # data.seq_len beyond this many times the model's positions is refused as a mistake
+
+
+def check_seq_len(seq_len: int, hf: dict, where: str) -> str:
+    """'' when data.seq_len is within the positions the model was trained on, else a warning; a length far
+    past them (a typo, 100000000) is refused here, in a second, instead of exhausting memory later."""
+    limit = hf.get("max_position_embeddings")
+    if not limit or seq_len <= limit:
+        return ""
+    if seq_len > LONGEST_EXTENSION * limit:
+        raise JaxtuneError(f"data.seq_len={seq_len} is {seq_len / limit:,.0f}x the max_position_embeddings="
+                           f"{limit} of {where}: lower it (up to {LONGEST_EXTENSION * limit:,} is accepted)")
+    return (f"warning: data.seq_len={seq_len} is above the max_position_embeddings={limit} of {where}: positions "
+            f"past {limit} were never trained and quality may drop there (a RoPE-scaled version of the model "
+            "raises the limit in its config.json)")
+
+
 def _nf4_placeholder(layers: int, out_in: tuple, opts: quant.QuantOptions) -> quant.NF4:
     """Zero arrays with the shapes and dtypes of a stacked NF4 weight (only ever traced abstractly)."""
     n = out_in[0] * out_in[1]
@@ -169,7 +194,7 @@ class AbstractRun:
     frozen: nnx.State
     tx: object
     opt_state: object
-    quant_note: str = ""  # a bitsandbytes 4-bit base: trained as stored (lora.quant_options)
+    notes: str = ""  # a bitsandbytes 4-bit base trained as stored (lora.quant_options); data.seq_len's warning
 
 
 def abstract_run(cfg, platform: str | None = None, device_kind: str | None = None) -> AbstractRun:
@@ -178,6 +203,7 @@ def abstract_run(cfg, platform: str | None = None, device_kind: str | None = Non
     from jaxtune.train import optim
 
     hf = read_architecture(cfg.model.path)
+    length_note = check_seq_len(cfg.data.seq_len, hf, cfg.model.path)
     local = Path(cfg.model.path).expanduser()
     opts, quant_note = lora.quant_options(cfg, hf, local if local.is_dir() else None)
     mcfg = config_from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
@@ -212,7 +238,8 @@ def abstract_run(cfg, platform: str | None = None, device_kind: str | None = Non
     tx = optim.optimizer(optax.constant_schedule(1e-4), weight_decay=cfg.train.weight_decay,
                          max_grad_norm=cfg.train.max_grad_norm, b1=cfg.train.b1, b2=cfg.train.b2,
                          grad_accum_steps=cfg.train.grad_accum_steps)
-    return AbstractRun(mcfg, graphdef, trainable, frozen, tx, jax.eval_shape(tx.init, trainable), quant_note)
+    return AbstractRun(mcfg, graphdef, trainable, frozen, tx, jax.eval_shape(tx.init, trainable),
+                       "\n".join(note for note in (length_note, quant_note) if note))
 
 
 def per_device_bytes(state, mesh) -> dict:
@@ -287,12 +314,11 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
                           jax.ShapeDtypeStruct((batch, seq), jnp.int32), mask, per_layer=4)
 
 
-def _largest_dequantized_kernel(run: AbstractRun, itemsize: int) -> int:
-    """Bytes of the largest NF4 kernel of one layer dequantized (QLoRA computes one at a time)."""
+def _dequantized_kernels(run: AbstractRun) -> list[int]:
+    """Elements of each NF4 kernel of one layer (QLoRA dequantizes a layer's kernels for its matmuls)."""
     model = nnx.merge(run.graphdef, run.trainable, run.frozen)
-    sizes = [math.prod(m.kernel.shape[1:]) for m in vars(model.layers).values() if isinstance(
+    return [math.prod(m.kernel.shape[1:]) for m in vars(model.layers).values() if isinstance(
         getattr(m, "kernel", None), NF4Kernel)]
-    return max(sizes, default=0) * itemsize
 
 
 def device_memory() -> int | None:
@@ -390,7 +416,10 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
     if mesh.shape["fsdp"] > 1:  # the output projection, gathered once over fsdp, held through the loss
         loss += v * d * act // tensor
     layer = (every - kept if mcfg.remat != "none" else 0) + int(cal.layer_cotangents * every)
-    layer += 2 * _largest_dequantized_kernel(run, act) if cfg.method == "qlora" else 0
+    if cfg.method == "qlora":
+        kernels = _dequantized_kernels(run)
+        layer += int(cal.largest_kernel_copies * max(kernels, default=0) * act)
+        layer += int(cal.layer_kernels_f32 * sum(kernels) * 4)
     unembed = "embed" if mcfg.tie_word_embeddings else "lm_head"
     if mesh.shape["fsdp"] > 1 and unembed in {path[0] for path, _ in nnx.to_flat_state(run.trainable)}:
         # its float32 gradient at the gathered size, reduce-scattered while the layers' backward runs
@@ -420,5 +449,5 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
-    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, quant_note=run.quant_note,
+    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, notes=run.notes,
                     calibration=cal.name, phases={"loss": loss, "layer": layer})
