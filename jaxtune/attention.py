@@ -53,16 +53,25 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
                 return "pallas", "auto: Pallas flash attention with segment ids on GPU"
             why = "sliding window" if window is not None else f"T={seq_len} is not a multiple of 64"
             return "cudnn", f"auto: cuDNN flash attention on GPU ({why}: not in the Pallas kernel)"
-        spans = _blocks(seq_len, window)
-        if seq_len >= BLOCKED_BLOCK and spans is not None:  # faster than the einsum from T = 128
-            block = spans[0][0].stop
-            return "blocked", f"auto: blocked causal attention ({block}-token blocks) on {platform}"
-        return "xla", f"auto: XLA einsum attention on {platform} (T={seq_len} is short or does not split into blocks)"
+        if seq_len >= BLOCKED_BLOCK:  # faster than the einsum from T = 128
+            return "blocked", f"auto: blocked causal attention ({blocks_text(seq_len, window)}) on {platform}"
+        return "xla", f"auto: XLA einsum attention on {platform} (T={seq_len} is short)"
     allowed = PLATFORMS[name]
     if allowed is not None and platform not in allowed:
         raise JaxtuneError(f"model.attention={name!r} runs on {'/'.join(allowed)}, not {platform}; use 'auto' "
                            "(or 'xla', which runs anywhere)")
+    if name == "blocked":
+        return name, f"blocked (model.attention): {blocks_text(seq_len, window)}"
     return name, f"{name} (model.attention)"
+
+
+def blocks_text(seq_len: int, window: int | None) -> str:
+    """What the blocked attention does at this length, for the run log."""
+    spans = _blocks(seq_len, window)
+    if spans is None:
+        return f"T={seq_len} is too short to split into 16-token blocks: the einsum"
+    block, padded = spans[0][0].stop, spans[-1][0].stop
+    return f"{block}-token blocks" + (f", the last padded: T={seq_len} -> {padded}" if padded > seq_len else "")
 
 
 def mask(q_pos, q_seg, kv_pos, kv_seg, window: int | None) -> jax.Array:
@@ -147,12 +156,13 @@ def per_shard(impl):
 
 
 def _blocks(t: int, window: int | None, block: int = BLOCKED_BLOCK) -> list[tuple[slice, slice]] | None:
-    """(query slice, key slice) per query block of the blocked attention; None when T does not split."""
+    """(query slice, key slice) per query block of the blocked attention, over T rounded up to whole
+    blocks (the last one padded); None for rows too short to split (T < 32: the einsum)."""
     block = min(block, t // 2)
-    if block < 16 or t % block:
+    if block < 16:
         return None
     spans = []
-    for i in range(t // block):
+    for i in range(-(-t // block)):
         lo = 0 if window is None else max(0, (i * block - window + 1) // block)
         spans.append((slice(i * block, (i + 1) * block), slice(lo * block, (i + 1) * block)))
     return spans
@@ -168,10 +178,16 @@ def blocked_score_elements(t: int, window: int | None) -> int:
 def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
     """Query block i against key blocks lo..i only (the rest is masked anyway); each query block is a
     `jax.checkpoint`, so no layer keeps its scores for the backward (the T x T residual of the
-    einsum). Rows shorter than two blocks use blocks of T/2."""
-    spans = _blocks(q.shape[1], window, block)
+    einsum). Rows shorter than two blocks use blocks of T/2; a T that is not a multiple of the block
+    is padded to one with segment 0 (masked as keys, dropped as queries), never run as the einsum."""
+    t = q.shape[1]
+    spans = _blocks(t, window, block)
     if spans is None:
         return masked(q, k, v, mask(positions, segments, positions, segments, window))
+    padded = spans[-1][0].stop
+    if padded > t:
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        q, k, v, positions, segments = map(pad, (q, k, v, positions, segments))
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_block(q_i, k_i, v_i, qpos, qseg, kpos, kseg):
@@ -181,7 +197,8 @@ def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
     for qs, ks in spans:
         outs.append(one_block(q[:, qs], k[:, ks], v[:, ks], positions[:, qs], segments[:, qs], positions[:, ks],
                               segments[:, ks]))
-    return jnp.concatenate(outs, axis=1)
+    out = jnp.concatenate(outs, axis=1)
+    return out[:, :t] if padded > t else out
 
 
 def _cudnn(q, k, v, positions, segments, window, implementation="cudnn"):

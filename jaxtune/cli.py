@@ -14,7 +14,7 @@ from jaxtune.ingest import commands as ingest_commands  # prepare, clean: their 
 from jaxtune.models.llama import DTYPES
 from jaxtune.quant import BLOCK_SIZES
 
-EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; the same command resumes
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT/SIGHUP after a checkpoint; the same command resumes
 
 
 def cmd_assets(args):
@@ -85,18 +85,26 @@ def cmd_train(args):
     return EXIT_RESUMABLE if summary.get("stopped_by_signal") else 0
 
 
+def device_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise JaxtuneError(f"--devices={value}: a number of devices, 1 or more (e.g. --devices=8); leave it out for "
+                           "the devices visible here")
+    return int(value)
+
+
 def cmd_estimate(args):
     from jaxtune import config
     from jaxtune.estimate import estimate
 
-    overrides, devices, platform = [], args.devices, args.platform
+    overrides, platform = [], args.platform
+    devices = None if args.devices is None else device_count(args.devices)
     rest = iter(args.overrides)
     for item in rest:  # --devices / --platform may also follow the config file
         flag, _, value = item.partition("=")
         if flag in ("--devices", "--platform"):
             value = value or next(rest, "")
             if flag == "--devices":
-                devices = int(value)
+                devices = device_count(value)
             else:
                 platform = value
         else:
@@ -245,7 +253,7 @@ def _add_training_commands(sub):
 
     p = sub.add_parser("estimate", help="memory per device of a run, before any weight is loaded, and the devices "
                                         "it fits: jaxtune estimate CONFIG.py [--devices=N] [--config.key=value ...]")
-    p.add_argument("--devices", type=int, help="devices the mesh spans (default: those visible here)")
+    p.add_argument("--devices", type=str, help="devices the mesh spans (default: those visible here)")
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="plan for this platform: its attention kernel and calibration (default: this machine's)")
     p.add_argument("config", help="a Python file with get_config(), e.g. configs/llama3_8b_qlora.py")

@@ -158,7 +158,7 @@ SCHEMA = [
     ("eval.early_stopping_patience", 0, "stop after N evals without a new best eval loss (0 = never)", integer(0)),
     ("eval.prompt", "", "a chat prompt answered before and after training (empty = none)", text()),
     ("eval.max_new_tokens", 48, "length of that reply", integer(1)),
-    ("checkpoint.every_steps", 500, "save every N optimizer updates (and at the end, on SIGTERM/SIGINT)", integer(1)),
+    ("checkpoint.every_steps", 500, "save every N optimizer updates (and at the end, on SIGTERM/SIGINT/SIGHUP)", integer(1)),
     ("checkpoint.keep", 2, "keep the last N checkpoints (the best one is kept apart)", integer(1)),
     ("log.every_steps", 10, "write a metrics.jsonl line (and read the loss from the device) every N updates",
      integer(1)),

@@ -138,9 +138,48 @@ def test_auto_picks_per_platform_and_explicit_choices_are_checked():
     assert attention.resolve("auto", 2048, None, "cpu")[0] == "blocked"
     assert attention.resolve("auto", 512, None, "cpu")[0] == "blocked"
     assert attention.resolve("auto", 128, None, "cpu")[0] == "blocked"
-    assert attention.resolve("auto", 1000, None, "cpu")[0] == "xla"  # no even split into 128-token blocks
+    assert attention.resolve("auto", 1000, None, "cpu") == (
+        "blocked", "auto: blocked causal attention (128-token blocks, the last padded: T=1000 -> 1024) on cpu")
+    assert attention.resolve("auto", 100, None, "cpu")[0] == "xla"
     assert attention.resolve("xla", 512, None, "tpu") == ("xla", "xla (model.attention)")
     with pytest.raises(JaxtuneError, match="model.attention='splash' runs on tpu, not cpu; use 'auto'"):
         attention.resolve("splash", 512, None, "cpu")
     with pytest.raises(JaxtuneError, match="must be one of"):
         attention.resolve("flash", 512, None, "cpu")
+
+
+def test_blocked_attention_pads_a_length_that_is_not_a_multiple_of_its_block():
+    """T=1000 with 128-token blocks: before, `blocked` was logged but the whole T x T einsum ran. Now the
+    last block is padded (segment 0), the scores stay about half of T x T, and output and gradients
+    equal the reference at T=200 with 64-token blocks (packed documents, padding)."""
+    assert len(attention._blocks(1000, None)) == 8
+    assert attention.blocked_score_elements(1000, None) < 0.6 * 1000 * 1000
+    assert attention.resolve("blocked", 1000, None, "cpu")[1] == (
+        "blocked (model.attention): 128-token blocks, the last padded: T=1000 -> 1024")
+    t = 200
+    segments, positions = np.zeros((B, t), np.int32), np.zeros((B, t), np.int32)
+    for b, lengths in enumerate([[90, 70, 30], [t]]):  # row 0 ends with 10 padding tokens
+        start = 0
+        for i, n in enumerate(lengths):
+            segments[b, start:start + n], positions[b, start:start + n] = i + 1, np.arange(n)
+            start += n
+    positions, segments = jnp.asarray(positions), jnp.asarray(segments)
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, t, n, D)), jnp.float32) for n in (H, K, K))
+    cotangent = jnp.asarray(rng.standard_normal((B, t, H * D)), jnp.float32)
+
+    def run(fn):
+        real = (segments != 0)[..., None]
+
+        def loss(q, k, v):
+            out = fn(q, k, v, positions, segments, None).reshape(B, t, H * D)
+            return jnp.sum(jnp.where(real, out * cotangent, 0.0)), jnp.where(real, out, 0.0)
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    with jax.default_matmul_precision("highest"):
+        (_, out), grads = run(functools.partial(attention._blocked, block=64))
+        (_, ref_out), ref_grads = run(reference)
+    assert float(jnp.max(jnp.abs(out - ref_out))) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r))) < 1e-5

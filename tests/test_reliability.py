@@ -212,6 +212,19 @@ def test_an_allowed_change_resumes(straight, tiny_dir, chat_data, tmp_path):
     assert json.loads(config_json_bytes(run))["train"]["max_steps"] == 8
 
 
+def test_max_steps_below_the_step_reached_is_refused_and_the_record_kept(straight, tiny_dir, chat_data, tmp_path,
+                                                                         capsys):
+    """Before: allowed, it rewrote config.json with the lower value, so the next resume with the true one
+    was refused."""
+    run = fresh_copy(straight, tmp_path)
+    before = config_json_bytes(run)
+    cfg_file = write_config_file(tmp_path / "cfg.py", run_config(tiny_dir, chat_data, run, **{
+        **RUN, "train.max_steps": 2, "resume.allow_changes": "train.max_steps"}))
+    code, err = cli(["train", cfg_file], capsys)
+    one_line_error(code, err, "train.max_steps=2 is below step 6, where the checkpoints")
+    assert config_json_bytes(run) == before
+
+
 def test_wrong_model_path_is_refused_before_anything_is_written(straight, chat_data, tmp_path, capsys):
     run = fresh_copy(straight, tmp_path)
     bigger, _ = make_hf_model(tmp_path / "bigger", hidden_size=96)
@@ -392,3 +405,42 @@ def test_kill_at_several_moments_then_resume_equals_one_run(tiny_dir, chat_data,
     proc = jaxtune_cli("train", cfg_file)
     assert proc.wait() == 0, proc.stderr.read()
     assert losses(workdir) == losses(tmp_path / "straight")
+
+
+# --- round 3: one line, in seconds, before any data work --------------------------------------------------
+
+@pytest.mark.parametrize("devices", ["-1", "abc", "0"])
+def test_estimate_refuses_a_device_count_that_is_not_one(tiny_dir, chat_data, tmp_path, capsys, devices):
+    """Before: -1 a TypeError, abc a ValueError traceback, 0 silently all the devices visible."""
+    cfg_file = write_config_file(tmp_path / "cfg.py", run_config(tiny_dir, chat_data, tmp_path / "run"))
+    code, err = cli(["estimate", cfg_file, f"--devices={devices}"], capsys)
+    one_line_error(code, err, f"--devices={devices}: a number of devices, 1 or more")
+
+
+def test_a_length_past_the_model_warns_and_an_absurd_one_is_refused_before_the_data(tiny_dir, chat_data,
+                                                                                    tmp_path, capsys):
+    """The tiny model has max_position_embeddings=512. Before: no word at 1024, and `estimate` with
+    seq_len=100000000 had no answer after 300 s (train tokenized the data first)."""
+    code = main(["estimate", str(write_config_file(tmp_path / "long.py", run_config(
+        tiny_dir, chat_data, tmp_path / "run", **{"data.seq_len": 1024})))])
+    assert code == 0
+    assert "warning: data.seq_len=1024 is above the max_position_embeddings=512" in capsys.readouterr().out
+    absurd = write_config_file(tmp_path / "absurd.py", run_config(tiny_dir, chat_data, tmp_path / "run2",
+                                                                  **{"data.seq_len": 100_000_000}))
+    for command in ("estimate", "train"):
+        start = time.monotonic()
+        code, err = cli([command, absurd], capsys)
+        one_line_error(code, err, "data.seq_len=100000000 is 195,312x the max_position_embeddings=512")
+        assert time.monotonic() - start < 30
+    assert not (tmp_path / "run2").exists()
+
+
+def test_an_attention_kernel_this_platform_lacks_is_refused_before_anything_is_written(tiny_dir, chat_data,
+                                                                                     tmp_path, capsys):
+    """Before: model.attention=splash on CPU failed after the data preflight and left empty checkpoint
+    directories behind."""
+    cfg_file = write_config_file(tmp_path / "cfg.py", run_config(tiny_dir, chat_data, tmp_path / "run", **{
+        "model.attention": "splash"}))
+    code, err = cli(["train", cfg_file], capsys)
+    one_line_error(code, err, "model.attention='splash' runs on tpu, not cpu")
+    assert not (tmp_path / "run").exists()

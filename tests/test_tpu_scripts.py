@@ -6,36 +6,54 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from conftest import run_config, write_config_file
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "tpu_scripts"
 RUNTIME = {"v2-8": "tpu-ubuntu2204-base", "v3-8": "tpu-ubuntu2204-base", "v4-32": "tpu-ubuntu2204-base",
            "v5litepod-16": "v2-alpha-tpuv5-lite", "v6e-8": "v2-alpha-tpuv6e"}
 
 FAKE_GCLOUD = r'''#!PYTHON
-"""A TPU VM in a JSON file: `create` makes it READY, `delete` removes it, and each poll of the job's
-exit code takes the next event of the script: "preempt" (the VM is preempted), "" (still running) or a code."""
+"""A TPU VM in a JSON file: `create` makes it READY, `delete` removes it, a `describe` of a missing one
+says NOT_FOUND as gcloud does. Each `describe` first takes the next of "describe" (a state it moves to,
+or "fail": an error that is not NOT_FOUND), and each query of the job on worker 0 the next event:
+"" (running), "none" (gone without an exit code), an exit code, "preempt" (the VM is preempted; the job
+still looks alive) or "ssh_fail" (ssh exits 255)."""
 import json, os, sys
 state_file = os.environ["FAKE_TPU_STATE"]
 state = json.load(open(state_file))
 args = sys.argv[1:]
 state["calls"].append(args)
-out, code = "", 0
+out, err, code = "", "", 0
 if "create" in args:
     state["vm"] = "ACTIVE" if "queued-resources" in args else "READY"
 elif "delete" in args:
     state["vm"] = "NOT_FOUND"
 elif "describe" in args:
-    out, code = (state["vm"], 0) if state["vm"] != "NOT_FOUND" else ("", 1)
+    forced = state["describe"].pop(0) if state["describe"] else None
+    if forced == "fail":
+        err, code = "ERROR: (gcloud) There was a problem refreshing your current auth tokens", 1
+    else:
+        state["vm"] = forced or state["vm"]
+        if state["vm"] == "NOT_FOUND":
+            err, code = "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found", 1
+        else:
+            out = state["vm"]
 elif "ssh" in args and "--worker=0" in args:
-    event = state["events"].pop(0) if state["events"] else ""
+    event = str(state["events"].pop(0)) if state["events"] else ""
     if event == "preempt":
         state["vm"], event = "PREEMPTED", ""
-    out = str(event)
+    if event == "ssh_fail":
+        err, code = "ssh: connect to host 10.0.0.2 port 22: Connection timed out", 255
+    else:
+        out = {"": "RUNNING", "none": "NONE"}.get(event, event)
 json.dump(state, open(state_file, "w"))
 print(out)
+print(err, file=sys.stderr)
 sys.exit(code)
 '''
 
@@ -51,9 +69,11 @@ def gcloud(tmp_path, monkeypatch):
     state_file = tmp_path / "tpu.json"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_TPU_STATE", str(state_file))
+    monkeypatch.setenv("QUERY_RETRY_SECONDS", "0")
 
-    def start(vm="NOT_FOUND", events=()):
-        state_file.write_text(json.dumps({"vm": vm, "events": list(events), "calls": []}))
+    def start(vm="NOT_FOUND", events=(), describe=()):
+        state_file.write_text(json.dumps({"vm": vm, "events": list(events), "describe": list(describe),
+                                          "calls": []}))
         return lambda: json.loads(state_file.read_text())
 
     return start
@@ -127,9 +147,76 @@ def test_launch_sends_one_identical_command_to_every_worker(gcloud):
     words = shlex.split(command)  # as the worker's shell reads it
     assert words[-6:-1] == ["tmux", "new-session", "-d", "-s", "r1"]
     job = words[-1]  # what tmux runs: the user's argv, quoted once more, its output and exit code kept
-    assert shlex.split(job.split(" && ", 1)[1].split(" > ")[0])[1:] == [
+    assert shlex.split(job.split("|| exit 1; ", 1)[1].split(" > ")[0])[1:] == [
         "jaxtune", "train", "configs/x.py", "--config.workdir=gs://bucket/run one"]
-    assert job.endswith("> ~/logs/r1.log 2>&1; echo $? > ~/logs/r1.exit")
+    assert "trap 'kill -HUP $pid 2>/dev/null' HUP" in job  # a closed tmux session: the trainer checkpoints
+    assert "> $HOME/logs/r1.log 2>&1 &" in job and "echo $pid > $HOME/logs/r1.pid" in job  # for stop.sh
+    assert job.endswith("rm -f $HOME/logs/r1.pid; echo $code > $HOME/logs/r1.exit")
+
+
+LOCAL_GCLOUD = r'''#!PYTHON
+"""gcloud for a one-worker TPU VM that is this machine: `tpu-vm ssh --command C` runs C here."""
+import subprocess, sys
+args = sys.argv[1:]
+sys.exit(subprocess.run(["bash", "-c", args[args.index("--command") + 1]]).returncode if "ssh" in args else 0)
+'''
+
+
+def wait_until(condition, what, seconds=300, detail=lambda: ""):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {detail()}"
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux")
+def test_stop_and_a_closed_tmux_session_checkpoint_the_real_trainer_and_keep_exit_75(
+        tiny_dir, chat_data, tmp_path, monkeypatch):
+    """launch.sh starts the real `jaxtune train` in tmux on a 'worker' that is this machine. stop.sh
+    signals the trainer's recorded pid only (its old `pkill -f 'jaxtune train'` also matched the tmux
+    server and the shell around the job: tmux exited, the trainer died of SIGHUP without a checkpoint,
+    and RUN.exit never appeared). Then a resumed launch whose tmux session is closed: SIGHUP checkpoints
+    like SIGTERM (the wrapper passes it on) and the wrapper still writes 75."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    (home / "jaxtune").mkdir(parents=True)
+    (home / "venv").mkdir()
+    (home / "venv" / "bin").symlink_to(Path(sys.executable).parent)  # the `jaxtune` command of this venv
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(LOCAL_GCLOUD.replace("PYTHON", sys.executable))
+    (bin_dir / "gcloud").chmod(0o755)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMUX_TMPDIR", str(tmp_path))  # a tmux server of this test's own
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    workdir = tmp_path / "run"
+    write_config_file(home / "jaxtune" / "cfg.py", run_config(tiny_dir, chat_data, workdir, **{
+        "train.max_steps": 100000, "checkpoint.every_steps": 100000, "eval.every_steps": 100000}))
+    logs = home / "logs"
+    steps = lambda: [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                     if line.endswith("}")] if (workdir / "metrics.jsonl").exists() else []
+    saved = lambda: sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())  # noqa: E731
+    try:
+        for stop in ("stop.sh", "tmux kill-session"):
+            before = max(steps(), default=0)
+            started = script("launch.sh", "pod", "--zone", "z", "--run", "r1", "--", "jaxtune", "train", "cfg.py")
+            assert started.returncode == 0, started.stderr
+            wait_until(lambda: max(steps(), default=0) >= before + 2, "two training steps")
+            assert (logs / "r1.pid").exists()
+            if stop == "stop.sh":
+                stopped = script("stop.sh", "pod", "--zone", "z", "--run", "r1")
+                assert stopped.returncode == 0 and "SIGTERM to r1 (pid" in stopped.stdout, stopped.stdout
+            else:
+                subprocess.run(["tmux", "kill-session", "-t", "r1"], check=True)
+            wait_until(lambda: (logs / "r1.exit").exists(), f"r1.exit after {stop}",
+                       detail=lambda: (logs / "r1.log").read_text()[-3000:] + str(steps()[-3:]) + subprocess.run(
+                           ["ps", "-eo", "pid,pgid,sid,stat,args"], capture_output=True, text=True).stdout)
+            assert (logs / "r1.exit").read_text().strip() == "75", (logs / "r1.log").read_text()[-3000:]
+            assert saved() and saved()[-1] > before and not (logs / "r1.pid").exists()
+        assert "SIGHUP" in (logs / "r1.log").read_text()
+        nothing = script("stop.sh", "pod", "--zone", "z", "--run", "r1")
+        assert nothing.returncode == 0 and "no running job named r1" in nothing.stdout
+    finally:
+        subprocess.run(["tmux", "kill-server"], capture_output=True)
 
 
 def test_babysit_recreates_after_preemption_and_relaunches_after_exit_75(gcloud, repo):
@@ -150,15 +237,78 @@ def test_babysit_recreates_after_preemption_and_relaunches_after_exit_75(gcloud,
 
 
 def test_babysit_stops_on_a_failure_and_after_its_retry_cap(gcloud, repo):
-    gcloud(vm="READY", events=[1])
+    gcloud(vm="READY", events=["none", 1])  # no job yet when it starts on an existing VM, then exit 1
     failed = script("babysit.sh", "pod", "--type", "v4-32", "--zone", "z", "--run", "r1", "--poll", 0,
                     "--backoff", 0, "--", "jaxtune", "train", "x.py", scripts=repo / "tpu_scripts")
     assert failed.returncode == 2 and "r1 failed with exit code 1" in failed.stderr
-    gcloud(vm="READY", events=[75, 75, 75])
+    gcloud(vm="READY", events=["none", 75, 75, 75])
     capped = script("babysit.sh", "pod", "--type", "v4-32", "--zone", "z", "--run", "r1", "--poll", 0,
                     "--backoff", 0, "--retries", 2, "--", "jaxtune", "train", "x.py",
                     scripts=repo / "tpu_scripts")
     assert capped.returncode == 2 and "gave up after 2 retries" in capped.stderr
+
+
+def babysit(repo, *extra):
+    return script("babysit.sh", "pod", "--type", "v4-32", "--zone", "z", "--run", "r1", "--poll", 0, "--backoff", 0,
+                  *extra, "--", "jaxtune", "train", "x.py", scripts=repo / "tpu_scripts")
+
+
+def launches(history):
+    return [c for c in history if c[3] == "ssh" and "--worker=all" in c and "tmux new-session" in c[-1]]
+
+
+def test_babysit_never_acts_on_a_failed_query_and_watches_a_job_already_running(gcloud, repo):
+    """Before: one failed `describe` read as NOT_FOUND (create, then launch.sh kill -9'd the healthy job),
+    and one failed ssh ended babysit with exit 255 and no message. Now each is asked again; a job
+    already running when babysit starts is watched, not relaunched."""
+    calls = gcloud(vm="READY", describe=["fail", "fail"], events=["", "ssh_fail", "ssh_fail", "ssh_fail", "", 0])
+    result = babysit(repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = calls()["calls"]
+    assert not [c for c in history if "create" in c or "delete" in c] and not launches(history)
+    assert "r1 is already running on pod; watching it" in result.stdout
+    assert "no answer from pod's worker 0 over ssh (3 tries)" in result.stdout
+    assert "babysit: r1 finished" in result.stdout
+
+
+def test_babysit_relaunches_a_job_that_vanished_without_an_exit_code(gcloud, repo):
+    """Before: with no RUN.exit (the job killed, the VM restarted) babysit polled forever."""
+    calls = gcloud(events=["none", 0])
+    result = babysit(repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "r1 is not running and left no exit code" in result.stdout and len(launches(calls()["calls"])) == 2
+
+
+@pytest.mark.parametrize("vm, needle", [
+    ("STOPPED", "pod is STOPPED: babysit does not start or delete a stopped VM"),
+    ("PREEMPTED", "pod is PREEMPTED and babysit did not create it: delete it"),
+])
+def test_babysit_deletes_only_a_vm_it_created(gcloud, repo, vm, needle):
+    """Before: any state not listed (STOPPED too) was deleted, VMs babysit never created included."""
+    calls = gcloud(vm=vm)
+    result = babysit(repo)
+    assert result.returncode == 2 and needle in result.stderr, result.stdout + result.stderr
+    assert not [c for c in calls()["calls"] if "delete" in c or "create" in c]
+
+
+def test_create_gives_up_on_a_vm_preempted_before_ready_and_after_its_deadline(gcloud):
+    """Before: create.sh waited for READY forever."""
+    calls = gcloud(describe=["CREATING", "PREEMPTED"])
+    result = script("create.sh", "pod", "--type", "v4-8", "--zone", "z", "--spot", "--poll", 0)
+    assert result.returncode == 1 and "became PREEMPTED before it was ready: deleting it" in result.stderr
+    assert [c for c in calls()["calls"] if c[3] == "delete"]
+    calls = gcloud(describe=["CREATING"] * 1000)
+    result = script("create.sh", "pod", "--type", "v4-8", "--zone", "z", "--poll", 1, "--timeout", 1)
+    assert result.returncode == 1 and "is not READY after 1s (CREATING): deleting it" in result.stderr
+    assert [c for c in calls()["calls"] if c[3] == "delete"]
+
+
+@pytest.mark.parametrize("name", ["create.sh", "launch.sh", "babysit.sh", "stop.sh", "logs.sh", "setup.sh",
+                                  "delete.sh"])
+def test_help_is_the_scripts_comment_and_nothing_else(name):
+    result = script(name, "--help")
+    assert result.returncode == 0 and result.stdout.startswith(name)
+    assert "source \"" not in result.stdout and "common.sh" not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -167,6 +317,15 @@ def test_babysit_stops_on_a_failure_and_after_its_retry_cap(gcloud, repo):
     (["launch.sh", "pod", "--zone", "z", "--", "jaxtune"], "--run NAME is required"),
     (["babysit.sh", "pod", "--zone", "z", "--run", "r", "--", "jaxtune"], "--type is required"),
     (["stop.sh", "--zone", "z"], "the TPU name comes first"),
+    (["launch.sh", "pod", "--zone", "z", "--run"], "--run needs a value"),  # was "$2: unbound variable"
+    (["babysit.sh", "pod", "--zone", "z", "--type", "v4-8", "--run", "r", "--poll", "abc", "--", "j"],
+     "--poll 'abc': expected a whole number"),
+    (["babysit.sh", "pod", "--zone", "z", "--type", "v4-8", "--run", "r", "--retries", "-1", "--", "j"],
+     "--retries '-1': expected a whole number"),
+    (["babysit.sh", "pod", "--zone", "z", "--type", "v4-8", "--run", "a b", "--", "j"], "--run 'a b': use letters"),
+    (["logs.sh", "pod", "--zone", "z", "--run", "r; rm -rf ~"], "--run 'r; rm -rf ~': use letters"),
+    (["logs.sh", "pod", "--zone", "z", "--run", "r", "--lines", "5; reboot"], "--lines '5; reboot': expected"),
+    (["create.sh", "pod", "--zone", "z", "--type"], "--type needs a value"),
 ])
 def test_bad_arguments_exit_non_zero_with_a_clear_message(gcloud, args, needle):
     gcloud()

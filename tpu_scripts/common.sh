@@ -83,6 +83,26 @@ split_command() {
   done
 }
 
+# `--opt VALUE` with VALUE missing (or another option): one line instead of "$2: unbound variable".
+need_value() {
+  [[ $# -ge 2 && "$2" != --* ]] || die "$1 needs a value"
+}
+
+# A run name becomes a tmux session and file names on every worker: plain characters only.
+check_run_name() {
+  [[ "$1" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run '$1': use letters, digits, '.', '_' or '-'"
+}
+
+# An option that takes a count or seconds: digits only.
+need_int() {
+  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 '$2': expected a whole number"
+}
+
+# --help: the comment block at the top of the script, without its '#'s.
+usage() {
+  awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
+}
+
 wants_help() {
   local arg
   for arg in "$@"; do
@@ -97,16 +117,32 @@ on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$1"
 }
 
-# READY / CREATING / PREEMPTED / ... of a TPU VM, or NOT_FOUND.
-vm_state() {
-  local state
-  if state="$(query READY gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE" --format='value(state)' \
-      2>/dev/null)"; then echo "$state"; else echo NOT_FOUND; fi
+# The state a `describe` prints (DRY_ANSWER in a dry run). NOT_FOUND only when gcloud says the resource
+# does not exist; when it fails for another reason (network, credentials, an API hiccup) it is asked
+# again, and after 3 failures the answer is UNKNOWN: never a reason to create, delete or launch.
+QUERY_RETRY_SECONDS="${QUERY_RETRY_SECONDS:-10}"
+describe_state() {
+  local dry_answer="$1" out err try
+  shift
+  if [[ "$DRY_RUN" == 1 ]]; then query "$dry_answer" "$@"; return; fi
+  err="$(mktemp)"
+  for try in 1 2 3; do
+    if out="$("$@" 2>"$err")"; then rm -f "$err"; echo "$out"; return; fi
+    if grep -q "NOT_FOUND" "$err"; then rm -f "$err"; echo NOT_FOUND; return; fi
+    [[ "$try" == 3 ]] || sleep "$QUERY_RETRY_SECONDS"
+  done
+  echo "$(basename "$0"): gcloud failed 3 times: $(tail -n 1 "$err")" >&2
+  rm -f "$err"
+  echo UNKNOWN
 }
 
-# ACTIVE / WAITING_FOR_RESOURCES / FAILED / SUSPENDED / ... of a queued resource, or NOT_FOUND.
+# READY / CREATING / PREEMPTED / ... of a TPU VM, NOT_FOUND, or UNKNOWN.
+vm_state() {
+  describe_state READY gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE" --format='value(state)'
+}
+
+# ACTIVE / WAITING_FOR_RESOURCES / FAILED / SUSPENDED / ... of a queued resource, NOT_FOUND, or UNKNOWN.
 queued_state() {
-  local state
-  if state="$(query ACTIVE gcloud compute tpus queued-resources describe "$NAME" --zone "$ZONE" \
-      --format='value(state.state)' 2>/dev/null)"; then echo "$state"; else echo NOT_FOUND; fi
+  describe_state ACTIVE gcloud compute tpus queued-resources describe "$NAME" --zone "$ZONE" \
+    --format='value(state.state)'
 }

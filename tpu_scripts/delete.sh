@@ -3,7 +3,7 @@
 #
 # Deletes the TPU VM (with --queued: the queued resource and its VM). Checkpoints on gs:// stay.
 source "$(dirname "$0")/common.sh"
-if wants_help "$@"; then sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if wants_help "$@"; then usage; exit 0; fi
 
 parse_common "$@"
 QUEUED=0

@@ -4,7 +4,7 @@
 # Ships the current commit (never a dirty tree: commit first) to every worker and installs jaxtune
 # with jax[tpu] and gcsfs (gs:// workdirs) into ~/venv, identically on all hosts.
 source "$(dirname "$0")/common.sh"
-if wants_help "$@"; then sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if wants_help "$@"; then usage; exit 0; fi
 
 parse_common "$@"
 [[ ${#ARGS[@]} -eq 0 ]] || die "unknown option '${ARGS[0]}' (see --help)"

@@ -36,7 +36,7 @@ from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
-from jaxtune.estimate import check_fits
+from jaxtune.estimate import check_fits, check_seq_len
 from jaxtune.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config, resolve_model_path
 from jaxtune.models.llama import parameter_count
 from jaxtune.paths import run_path
@@ -48,14 +48,15 @@ from jaxtune.train.step import make_eval_step, make_train_step
 
 
 class StopSignal:
-    """SIGTERM (preemptible TPU VMs) and SIGINT ask the loop to checkpoint and exit at the next step."""
+    """SIGTERM (preemptible TPU VMs), SIGINT and SIGHUP (the terminal or tmux session closed) ask the
+    loop to checkpoint and exit at the next step."""
 
     def __init__(self):
         self.received = None
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
@@ -126,6 +127,15 @@ class LoopState:
 
 # --- the phases ---------------------------------------------------------------------------------------
 
+def check_before_writing(cfg) -> None:
+    """What the config and the model's config.json alone can refuse, before the workdir is touched or
+    the data tokenized: an absurd data.seq_len, an attention kernel this platform lacks."""
+    model_dir = str(resolve_model_path(cfg.model.path))
+    hf = read_hf_config(model_dir)
+    check_seq_len(cfg.data.seq_len, hf, model_dir)  # a length past the model's is a warning, in the estimate
+    attention.resolve(cfg.model.attention, cfg.data.seq_len, config_from_hf(hf).sliding_window)
+
+
 def setup_data(cfg) -> Data:
     """Tokenize, hold out, pack and check the data: bad data fails before a big model loads."""
     model_dir = str(resolve_model_path(cfg.model.path))
@@ -148,6 +158,11 @@ def open_run_dir(cfg, data: Data) -> tuple[Checkpoints, dict]:
     checkpoints = Checkpoints(workdir, cfg.checkpoint.keep)
     if checkpoints.any():
         run_dir.check_resume(workdir, flatten(cfg.to_dict()), identity, split_list(cfg.resume.allow_changes))
+        reached = max(checkpoints.last.all_steps(), default=0)
+        if cfg.train.max_steps and cfg.train.max_steps < reached:  # config.json would then refuse the true value
+            raise JaxtuneError(f"train.max_steps={cfg.train.max_steps} is below step {reached}, where the "
+                               f"checkpoints in {workdir} already are: the run is past it; use a new workdir to "
+                               "train fewer steps, or a max_steps of at least that")
     return checkpoints, identity
 
 
@@ -447,6 +462,7 @@ def train(cfg, *, progress=None) -> dict:
     """Run (or resume) the training described by a validated config; returns the summary.
     One training per workdir at a time: a second one is refused while this one holds the lock."""
     workdir = run_path(cfg.workdir)
+    check_before_writing(cfg)
     with WorkdirLock(workdir, held=jax.process_index() == 0):  # hosts of one pod run share the workdir
         check_writable(workdir)
         data = setup_data(cfg)
