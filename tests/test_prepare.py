@@ -229,6 +229,25 @@ def cli(argv):
     args.func(args)
 
 
+def test_a_page_with_nothing_usable_says_so_and_strict_refuses_it(tmp_path, capsys):
+    """Before: an HTML page of scripts and navigation only exited 0 with an empty output, without a word."""
+    page = tmp_path / "menu.html"
+    page.write_text("<html><head><script>var a = 1;</script></head><body><nav><a href='/'>Home</a>"
+                    "<a href='/about'>About</a></nav><script>track()</script></body></html>")
+    out = tmp_path / "out.jsonl"
+    cli(["prepare", str(page), "--out", str(out)])
+    assert "warning: nothing usable was found" in capsys.readouterr().out and out.read_text() == ""
+    out.unlink()
+    with pytest.raises(JaxtuneError, match=r"--strict: could not use 1 of 1 .* element 1 \(<body>\): empty"):
+        cli(["prepare", str(page), "--out", str(out), "--strict"])
+    assert not out.exists()
+    header_only = tmp_path / "empty.csv"  # nothing skipped, nothing found
+    header_only.write_text("instruction,output\n")
+    with pytest.raises(JaxtuneError, match="--strict: nothing usable was found in the input"):
+        cli(["prepare", str(header_only), "--out", str(out), "--strict"])
+    assert not out.exists()
+
+
 def test_cli_prepare_with_mapping_and_cleaning(tmp_path, capsys):
     out = tmp_path / "qa.jsonl"
     cli(["prepare", str(RAW / "qa_mysql.sql"), str(RAW / "qa.csv"), "--out", str(out), "--table", "qa",

@@ -38,12 +38,19 @@ class Stats(Tally):
 
 def _strict(records: Iterable[dict], stats: Stats) -> Iterator[dict]:
     """Fail after the last record, when the count is complete and before the output is renamed into place."""
-    yield from records
+    found = 0
+    for record in records:
+        found += 1
+        yield record
     if stats.skipped:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in stats.skipped.most_common())
         raise JaxtuneError(f"--strict: could not use {sum(stats.skipped.values())} of {stats.rows_in} rows or "
                            f"statements ({reasons}), the first at {stats.first_skipped}; fix the input, or leave "
                            f"out --strict to write the rest")
+    if not found:
+        raise JaxtuneError(f"--strict: nothing usable was found in the input ({stats.rows_in} rows or pages read, "
+                           "0 records): an HTML page of scripts and navigation only, an empty table? Check the "
+                           "input, or --selector for HTML")
 
 
 def prepare(inputs: list[str | Path], out: str | Path, *, mapping: dict[str, str] | None = None,
@@ -61,6 +68,9 @@ def prepare(inputs: list[str | Path], out: str | Path, *, mapping: dict[str, str
         records, stats.clean = clean_records(records, clean)
     stats.rows_out = write_jsonl(out, records)
     print(stats.summary())
+    if not stats.rows_out:
+        print(f"warning: nothing usable was found: {out} has no records (an HTML page of scripts and navigation "
+              "only, an empty table, or cleaning removed everything?); --strict makes this an error")
     return stats
 
 
