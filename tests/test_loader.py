@@ -201,3 +201,28 @@ def test_global_batches_are_sharded_over_data_and_fsdp():
 def test_too_few_rows():
     with pytest.raises(JaxtuneError, match="only 10 packed rows for a global batch of 16"):
         loader.Batches(toy_rows(), 16)
+
+
+def test_validation_that_repeats_training_samples_is_named(tmp_path, tiny_dir, chat_data, capsys):
+    """Before: a validation file equal to (or overlapping) the training file was accepted silently. (The
+    fixture's own split shares a few short samples with training: chitchat repeats some exchanges.)"""
+    import re
+
+    opts = FormatOptions(seq_len=128, overlong="split")
+    train = str(chat_data / "train.jsonl")
+
+    def shared(val_file) -> int:
+        loader.build([train], str(tiny_dir), opts, val_sources=[str(val_file)], cache_dir=tmp_path)
+        found = re.search(r"warning: (\d+) of (\d+) validation samples .* are also training samples, token for "
+                          r"token", capsys.readouterr().out)
+        return int(found.group(1)) if found else 0
+
+    baseline = shared(chat_data / "val.jsonl")
+    mixed = tmp_path / "val.jsonl"
+    mixed.write_text((chat_data / "val.jsonl").read_text() + (chat_data / "train.jsonl").read_text().splitlines()[0]
+                     + "\n")
+    assert shared(mixed) > baseline
+    loader.build([train], str(tiny_dir), opts, val_sources=[train], cache_dir=tmp_path)
+    out = capsys.readouterr().out
+    n = int(re.search(r"warning: (\d+) of (\d+) validation", out).group(1))
+    assert f"warning: {n} of {n} validation samples" in out  # the training file itself: every sample

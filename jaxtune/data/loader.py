@@ -154,12 +154,23 @@ class PackedData:
     train_tokenized: Tokenized
 
 
+def overlap(train, val) -> int:
+    """Validation samples that are also training samples, token for token."""
+    seen = {train.ids[a:b].tobytes() for a, b in zip(train.offsets[:-1], train.offsets[1:])}
+    return sum(val.ids[a:b].tobytes() in seen for a, b in zip(val.offsets[:-1], val.offsets[1:]))
+
+
 def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, val_sources: list[str] = (),
           val_fraction: float = 0.0, seed: int = 0, cache_dir: Path | None = None) -> PackedData:
     """Tokenize (cached), hold out validation (separate files, or a fraction), pack, report."""
     train = tokenize_sources(list(train_sources), tokenizer_dir, opts, cache_dir=cache_dir)
     if val_sources:
         val = tokenize_sources(list(val_sources), tokenizer_dir, opts, cache_dir=cache_dir)
+        shared = overlap(train, val)
+        if shared:
+            print(f"warning: {shared} of {len(val.offsets) - 1} validation samples ({', '.join(val_sources)}) are "
+                  f"also training samples, token for token: the held-out loss flatters the run there; hold out "
+                  "other records (or data.val_fraction)")
     elif val_fraction > 0:
         train, val = split_validation(train, val_fraction, seed)
     else:
