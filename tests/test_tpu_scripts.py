@@ -237,10 +237,11 @@ def test_babysit_recreates_after_preemption_and_relaunches_after_exit_75(gcloud,
 
 
 def test_babysit_stops_on_a_failure_and_after_its_retry_cap(gcloud, repo):
-    gcloud(vm="READY", events=["none", 1])  # no job yet when it starts on an existing VM, then exit 1
+    calls = gcloud(vm="READY", events=["none", 1])  # no job yet when it starts on an existing VM, then exit 1
     failed = script("babysit.sh", "pod", "--type", "v4-32", "--zone", "z", "--run", "r1", "--poll", 0,
                     "--backoff", 0, "--", "jaxtune", "train", "x.py", scripts=repo / "tpu_scripts")
     assert failed.returncode == 2 and "r1 failed with exit code 1" in failed.stderr
+    assert [c for c in calls()["calls"] if c[3] == "scp"]  # an existing VM with no job: set up, then launched
     gcloud(vm="READY", events=["none", 75, 75, 75])
     capped = script("babysit.sh", "pod", "--type", "v4-32", "--zone", "z", "--run", "r1", "--poll", 0,
                     "--backoff", 0, "--retries", 2, "--", "jaxtune", "train", "x.py",
@@ -266,6 +267,7 @@ def test_babysit_never_acts_on_a_failed_query_and_watches_a_job_already_running(
     assert result.returncode == 0, result.stdout + result.stderr
     history = calls()["calls"]
     assert not [c for c in history if "create" in c or "delete" in c] and not launches(history)
+    assert not [c for c in history if c[3] == "scp"]  # no setup under the running job either
     assert "r1 is already running on pod; watching it" in result.stdout
     assert "no answer from pod's worker 0 over ssh (3 tries)" in result.stdout
     assert "babysit: r1 finished" in result.stdout

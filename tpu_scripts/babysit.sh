@@ -91,11 +91,13 @@ tpu-vm start $NAME --zone $ZONE) or delete it, then run babysit again" ;;
       echo "babysit: $NAME is $state; waiting"
       sleep "$POLL"; continue ;;
   esac
-  if [[ "$fresh" == 1 && "$adopt" == 0 ]]; then
+  running=0  # a job already running when babysit starts is watched: no setup under it, no relaunch over it
+  [[ "$adopt" == 1 && "$(job_state)" == RUNNING ]] && running=1
+  if [[ "$fresh" == 1 && "$running" == 0 ]]; then
     "$here/setup.sh" "${common[@]}"
   fi
   fresh=0
-  if [[ "$adopt" == 1 && "$(job_state)" == RUNNING ]]; then
+  if [[ "$running" == 1 ]]; then
     echo "babysit: $RUN is already running on $NAME; watching it"
   else
     "$here/launch.sh" "${common[@]}" --run "$RUN" -- "${COMMAND[@]}"
