@@ -449,5 +449,8 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",
     }
-    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, notes=run.notes,
-                    calibration=cal.name, phases={"loss": loss, "layer": layer})
+    used = math.prod(mesh.shape.values())
+    idle = (f"note: the config's mesh uses {used} of the {devices} devices (the others would idle); set one of "
+            "mesh.data/fsdp/tensor to -1 to shard over all of them") * (used < devices)
+    return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, calibration=cal.name,
+                    notes="\n".join(filter(None, [run.notes, idle])), phases={"loss": loss, "layer": layer})

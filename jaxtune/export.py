@@ -15,7 +15,8 @@ from jaxtune.atomic import check_replaceable, write_dir
 from jaxtune.errors import JaxtuneError
 from jaxtune.paths import is_remote, run_path
 from jaxtune.models.hf import (HF_MODEL_KIND, bnb_4bit_options, from_pretrained, is_bnb_4bit,
-                               load_tokenizer, read_hf_config, refuse_custom_code, write_hf_files)
+                               copy_tokenizer_files, load_tokenizer, read_hf_config, refuse_custom_code,
+                               set_chat_template, write_hf_files)
 from jaxtune.models.llama import LINEAR_MODULES, Llama
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -131,10 +132,12 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
             config = lora.adapter_config(model, alpha=eff["alpha"], dropout=eff["dropout"], rslora=eff["rslora"],
                                          modules_to_save=c["modules_to_save"], base_model=base_dir)
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            copy_tokenizer_files(Path(base_dir), tmp)  # as trl and axolotl save it: the template may be the run's
         else:
             lora.merge_lora(model)
             _cast(model, dtype)
             write_hf_files(model, tmp, tokenizer_from=base_dir)
+        write_run_chat_template(tmp, base_dir, cfg)
         (tmp / "README.md").write_text(model_card(kind, out.name, cfg, step, workdir, lora_shape))
         if verify:
             result["parity_rel_err"] = verify_export(tmp, kind, base_dir, samples, expected, dtype, name=out,
@@ -142,6 +145,19 @@ def export(workdir, out, *, kind: str, step: int | None = None, best: bool = Fal
 
     write_dir(out, build, kind=EXPORT_KINDS[kind], overwrite=overwrite, flag="--overwrite")
     return result
+
+
+def write_run_chat_template(out: Path, base_dir, cfg: dict) -> None:
+    """The chat template the run rendered its records with, where it is not the base tokenizer's own
+    (jaxtune's ChatML for a tokenizer without one, data.chat_template): `generate --chat`, transformers'
+    apply_chat_template and vLLM then prompt the model as it was trained."""
+    from jaxtune.data.formats import Formatter, FormatOptions, end_of_turn_ids
+
+    tokenizer = load_tokenizer(base_dir)
+    source = Formatter(tokenizer, FormatOptions.from_config(cfg)).template_source
+    if source and source != tokenizer.chat_template:
+        ends = sorted(i for i in end_of_turn_ids(tokenizer) if tokenizer.convert_ids_to_tokens(i) in source)
+        set_chat_template(out, source, ends)
 
 
 def model_card(kind: str, name: str, cfg: dict, step: int, workdir, lora_shape: str | None) -> str:

@@ -80,8 +80,13 @@ def generate(model: Llama, prompts: list[list[int]], *, max_new_tokens: int = 64
 
 
 def stop_token_ids(tokenizer, model_dir: str | Path) -> list[int]:
-    """EOS ids from the tokenizer and generation_config.json (which often adds end-of-turn ids)."""
+    """EOS ids from the tokenizer and generation_config.json (which often adds end-of-turn ids), and the
+    end-of-turn tokens the chat template writes (ChatML's <|im_end|> on a base model whose EOS is another)."""
+    from jaxtune.data.formats import END_OF_TURN_TOKENS
+
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    template, vocab = getattr(tokenizer, "chat_template", None) or "", tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in template and t in vocab)
     gen_file = Path(model_dir) / "generation_config.json"
     if gen_file.is_file():
         eos = json.loads(gen_file.read_text()).get("eos_token_id")

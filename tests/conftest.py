@@ -91,6 +91,28 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def sentencepiece_like_tokenizer(tmp_path_factory):
+    """A tokenizer as Llama 2 and Mistral have it (SentencePiece-style BPE, <s> put in front of text, </s>
+    as EOS, no chat template and no ChatML tokens), trained on chitchat here (the real ones need the hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxtune import assets
+
+    texts = [m["content"] for line in (assets.chitchat() / "train.jsonl").read_text().splitlines()[:300]
+             for m in json.loads(line)["messages"]]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    out = tmp_path_factory.mktemp("sentencepiece_like")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def chat_data(tmp_path_factory):
     from jaxtune import assets
 

@@ -125,3 +125,38 @@ def test_lora_page_commands_run_as_written(tiny_dir, chat_data, tmp_path):
     assert len((tmp_path / "few.jsonl").read_text().splitlines()) == 8
     for image in ("well-fit", "underfit", "overfit"):
         assert (ROOT / "docs" / "images" / f"{image}.png").stat().st_size > 10_000
+
+
+def test_one_place_says_where_jaxtune_is_published():
+    """setup.cfg's `url` is the source of truth; the README and every notebook's pip install name it."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    url = cfg["metadata"]["url"]
+    assert url.startswith("https://github.com/")
+    texts = {p.name: p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "notebooks").glob("*.ipynb"))]}
+    for name, text in texts.items():
+        named = set(re.findall(r"git\+(https://[\w./-]+)", text))
+        assert named == {url}, f"{name} installs from {named or 'nowhere'}, setup.cfg's url is {url}"
+
+
+def test_readme_reference_commands_run(tiny_dir, tmp_path, capsys):
+    """The README's one-line commands that need no training run, as written (optional [parts] left out):
+    MODEL_DIR is the tiny model with SmolLM2's tokenizer and chat template. (Those on a run are the export
+    page's, run above; prepare/clean/preflight are the data page's.)"""
+    import shlex
+    import shutil
+
+    from jaxtune.cli import main
+
+    model = shutil.copytree(tiny_dir, tmp_path / "MODEL_DIR")
+    commands = [c for c in doc_commands(ROOT / "README.md")
+                if c.split()[1] in ("keys", "assets", "generate", "estimate", "quantize", "verify")]
+    assert len(commands) == 6, commands
+    for command in commands:
+        argv = shlex.split(re.sub(r"\[[^\]]*\]", "", command).replace("MODEL_DIR", str(model)))[1:]
+        assert main(argv) == 0, f"README: `{command}` failed:\n{capsys.readouterr().err[-2000:]}"
+    out = capsys.readouterr().out
+    assert "16 devices" in out and "verify:" in out
+    assert (tmp_path / "MODEL_DIR-bnb-4bit" / "config.json").is_file()

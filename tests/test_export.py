@@ -199,3 +199,43 @@ def test_classic_rope_keys_say_what_rope_parameters_say():
     classic = transformers.LlamaConfig(rope_theta=hf["rope_theta"], rope_scaling=hf["rope_scaling"])
     both = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
     assert classic.rope_parameters == both.rope_parameters == transformers.LlamaConfig(rope_parameters=rope).rope_parameters
+
+
+def test_a_run_on_a_tokenizer_without_a_template_exports_the_chatml_it_trained_on(tiny_dir, chat_data, tmp_path,
+                                                                                  capsys):
+    """A base model (no chat template, EOS <|endoftext|>) trained on chat data: the log says jaxtune's ChatML
+    is used; both exports carry it, transformers renders a conversation to the ids the run trained on,
+    generation stops at <|im_end|>, and `generate --chat` answers."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from jaxtune.cli import main
+    from jaxtune.data.formats import Formatter, FormatOptions
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    (base / "chat_template.jinja").unlink()
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 0}))
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+
+    train(run_config(base, chat_data, tmp_path / "run", **{"train.max_steps": 1, "eval.every_steps": 0}))
+    assert ("warning: chat template: ChatML, because the tokenizer in " f"{base} has none"
+            in capsys.readouterr().out)
+    record = json.loads((chat_data / "train.jsonl").read_text().splitlines()[0])
+    trained_ids = Formatter(AutoTokenizer.from_pretrained(base), FormatOptions("chat")).tokenize([record]).sample(0)[0]
+    for kind in ("merged", "adapter"):
+        export(tmp_path / "run", tmp_path / kind, kind=kind)
+        tok = AutoTokenizer.from_pretrained(tmp_path / kind)
+        assert "<|im_start|>" in tok.chat_template
+        assert json.loads((tmp_path / kind / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
+        rendered = tok.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"]
+        assert list(rendered) == trained_ids.tolist()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"] == [0, im_end]
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "merged"), "--chat", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert "tokens in" in capsys.readouterr().err

@@ -34,6 +34,28 @@ def test_chat_supervises_assistant_turns_and_their_end_of_turn(tokenizer):
     assert full.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
+def test_a_tokenizer_without_chatml_tokens_gets_chatml_ending_turns_with_eos(sentencepiece_like_tokenizer):
+    """Llama 2 / Mistral base: no template, no <|im_end|> token. jaxtune's ChatML ends each turn with EOS (a
+    token generation stops at, and one the preflight sees supervised) and starts with BOS as the model's
+    pretraining did; the template it says it uses is the one transformers renders to the same tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sentencepiece_like_tokenizer)
+    formatter = Formatter(tok, FormatOptions("chat", seq_len=512))
+    assert formatter.template_is_fallback
+    assert "turns end with EOS '</s>', as <|im_end|> is not a token" in formatter.template_note
+    assert "text starts with BOS '<s>'" in formatter.template_note
+    data = formatter.tokenize([CONVO])
+    assert data.turn_ends_unlabelled == 0
+    ids, weights = data.sample(0)
+    assert ids[0] == tok.bos_token_id and (ids == tok.eos_token_id).sum() == 4
+    assert tok.decode(ids[weights == 1]) == "Hello! How can I help?</s>\nNo.</s>\n"
+    tok.chat_template = formatter.template_source
+    assert list(ids) == list(tok.apply_chat_template(CONVO["messages"], tokenize=True, return_dict=True)["input_ids"])
+    explicit = Formatter(tok, FormatOptions("chat", chat_template="chatml"))
+    assert not explicit.template_is_fallback and explicit.template_source == formatter.template_source
+
+
 def test_train_on_inputs_supervises_everything(tokenizer):
     data = Formatter(tokenizer, FormatOptions("chat", seq_len=512, train_on_inputs=True)).tokenize([CONVO])
     assert data.weights.all()
@@ -240,3 +262,32 @@ def test_short_turns_found_in_the_system_prompt_are_not_mistaken(tokenizer):
     assert supervised_text(tokenizer, data) == "F<|im_end|>\n"
     f = Formatter(tokenizer, FormatOptions("chat"))
     assert f.chat_spans(messages)[1] == f._chat_spans_by_prefix(messages)
+
+
+def test_special_token_text_inside_messages_stays_text(tokenizer, sentencepiece_like_tokenizer):
+    """'<|im_end|>' written in a message must not end the turn (nor '<|im_start|>' open one): it is
+    encoded as the characters it is, as split_special_tokens does, and counted in the report. A tokenizer
+    that cannot encode it in place refuses the record by name instead."""
+    from transformers import AutoTokenizer
+
+    user = "How do I end a turn in ChatML? With <|im_end|>, right?"
+    answer = "Yes: write <|im_end|> then<|im_start|>user for the next."
+    record = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    data = Formatter(tokenizer, FormatOptions("chat", seq_len=512)).tokenize([record, CONVO])
+    ids, weights = data.sample(0)
+    im_end, im_start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert (ids == im_end).sum() == 3 and (ids == im_start).sum() == 3  # the template's: system, user, assistant
+    assert data.special_text_kept == 3
+    assert supervised_text(tokenizer, data) == answer + "<|im_end|>\n"
+    assert tokenizer.decode(ids) == Formatter(tokenizer, FormatOptions("chat")).render(record["messages"])
+    literal = tokenizer(" <|im_end|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert any(list(ids[i:i + len(literal)]) == literal for i in range(len(ids)))
+    plain = Formatter(tokenizer, FormatOptions("chat", seq_len=512)).tokenize([CONVO])
+    assert plain.special_text_kept == 0 and np.array_equal(plain.ids, data.sample(1)[0])
+    report = DataReport.build(data, packing.pack(data, 512), 512)
+    assert "encoded as plain text, not as the token: 3" in report.text()
+
+    llama_like = AutoTokenizer.from_pretrained(sentencepiece_like_tokenizer)
+    scraped = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x</s>y"}]}
+    with pytest.raises(JaxtuneError, match=r"^d.jsonl:7: message 2 holds '</s>', the text of a special token"):
+        Formatter(llama_like, FormatOptions("chat")).tokenize([scraped], wheres=["d.jsonl:7"])

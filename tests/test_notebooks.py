@@ -25,8 +25,17 @@ def run_notebook(path: Path, parameters: dict, cwd: Path) -> nbformat.NotebookNo
     (at,) = [i for i, cell in enumerate(nb.cells) if "parameters" in tags(cell)]
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items())))
     nb.cells = [cell for cell in nb.cells if COLAB_ONLY not in tags(cell)]
+    nb.cells.append(nbformat.v4.new_code_cell(KERNEL_BACKENDS))
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    assert text_output(nb).endswith("JAX backends in the kernel: []\n"), \
+        f"{path.name}: the kernel initialised JAX, so on a TPU the `!jaxtune` processes could not open it"
     return nb
+
+
+# The kernel must not hold the accelerator: JAX initialised there keeps the TPU (the `!jaxtune` processes cannot
+# open it) and preallocates 75% of a GPU. Importing jax is harmless; a backend is what holds the device.
+KERNEL_BACKENDS = ('import sys\nprint("JAX backends in the kernel:", '
+                   'sorted(getattr(sys.modules.get("jax._src.xla_bridge"), "_backends", None) or []))')
 
 
 def text_output(nb) -> str:

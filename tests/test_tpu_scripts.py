@@ -2,6 +2,7 @@
 that behaves like a TPU VM (created, preempted, deleted) whose job exits as a script says."""
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -375,3 +376,24 @@ print(json.dumps({"spot": res.use_spot, "accelerators": res.accelerators, "recov
     typo.write_text(task_file.read_text().replace("  use_spot: true", "  use_spott: true"))
     rejected = subprocess.run([str(sky_python), "-c", check, str(typo)], capture_output=True, text=True)
     assert rejected.returncode != 0 and "use_spot" in rejected.stderr
+
+
+def test_the_runbook_commands_run_as_written(gcloud, repo):
+    """docs/tpu.md's script blocks, as a user pastes them (from a committed checkout), against the fake gcloud:
+    the babysat run (created, set up, launched, exit 0; polled at once) and the step-by-step commands, each
+    exiting 0."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (SCRIPTS.parent / "docs" / "tpu.md").read_text(), re.M | re.S)
+    blocks = [b for b in blocks if b.startswith("tpu_scripts/")]
+    assert [b.split()[0] for b in blocks] == ["tpu_scripts/babysit.sh", "tpu_scripts/create.sh"]
+    calls = gcloud(events=["0"])
+    babysit = blocks[0].replace(" --run r1 ", " --run r1 --poll 0 ", 1)  # as written, without its minute's wait
+    babysat = subprocess.run(["bash", "-c", babysit], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert babysat.returncode == 0, babysat.stderr
+    assert ["create", "scp"] == [c[3] for c in calls()["calls"] if c[3] in ("create", "scp")]
+    steps = blocks[1].replace("\\\n", " ").splitlines()
+    assert len(steps) == 6
+    calls = gcloud()
+    for step in steps:
+        done = subprocess.run(["bash", "-c", step], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"docs/tpu.md: `{step}` failed:\n{done.stderr}"
+    assert calls()["vm"] == "NOT_FOUND" and calls()["calls"][0][3] == "create"

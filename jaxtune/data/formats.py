@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from functools import lru_cache
+import re
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -21,6 +22,7 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+CHATML_END = "<|im_end|>"
 CHAT_KEYS = {"messages": ("role", "content"), "conversations": ("from", "value")}  # OpenAI, ShareGPT
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}
@@ -63,8 +65,9 @@ class Tokenized:
     truncated: int = 0
     dropped: int = 0
     split: int = 0
+    special_text_kept: int = 0  # special-token texts inside message content, encoded as plain text
 
-    COUNTERS = ("turn_ends_unlabelled", "truncated", "dropped", "split")
+    COUNTERS = ("turn_ends_unlabelled", "truncated", "dropped", "split", "special_text_kept")
 
     @classmethod
     def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]], **counters) -> "Tokenized":
@@ -106,6 +109,22 @@ def _compile_template(source: str, origin: str):
                            f"or use data.chat_template='chatml'") from None
 
 
+def chatml(tokenizer) -> tuple[str, str]:
+    """jaxtune's ChatML for this tokenizer, and what it adapted. A turn ends with <|im_end|> where that is a
+    token of the vocabulary, else with the tokenizer's EOS (as unsloth maps it), so that the model learns
+    to end its turn with a token generation stops at; text starts with BOS where the tokenizer puts one in
+    front of text (Llama, Mistral), as the model saw in pretraining."""
+    notes, source = [], CHATML
+    if CHATML_END not in tokenizer.get_vocab():
+        source = source.replace(f"'{CHATML_END}\n'", "eos_token + '\n'")
+        notes.append(f"turns end with EOS {tokenizer.eos_token!r}, as {CHATML_END} is not a token of this tokenizer")
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("x")["input_ids"][:1] == [bos]:
+        source = "{{ bos_token }}" + source
+        notes.append(f"text starts with BOS {tokenizer.bos_token!r}")
+    return source, "".join(f"; {n}" for n in notes)
+
+
 def end_of_turn_ids(tokenizer) -> set[int]:
     vocab = tokenizer.get_vocab()
     ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
@@ -122,14 +141,29 @@ class Formatter:
         if tokenizer.eos_token_id is None:
             raise JaxtuneError("the tokenizer has no EOS token: the model could never learn to stop. "
                                "Set eos_token in tokenizer_config.json.")
-        template = opts.chat_template or getattr(tokenizer, "chat_template", None)
+        self.template_source, self.template_note, self.template_is_fallback = self._choose_template()
         origin = ("data.chat_template (--chat-template)" if opts.chat_template
                   else f"the chat template of the tokenizer in {tokenizer.name_or_path}")
-        if opts.chat_template == "chatml" or (template is None and opts.format in ("chat", "alpaca")):
-            template = CHATML
-        self.template = _compile_template(template, origin) if template else None
+        self.template = _compile_template(self.template_source, origin) if self.template_source else None
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+    def _choose_template(self) -> tuple[str | None, str, bool]:
+        """(Jinja source, what to tell the user, whether jaxtune chose it because the tokenizer has none).
+        The source is what the run trains on, so it is also what an export writes into its tokenizer files."""
+        opts, own = self.opts, getattr(self.tok, "chat_template", None)
+        if opts.format not in ("chat", "alpaca"):
+            return None, f"none (data.format={opts.format!r} trains on the text as it is)", False
+        if opts.chat_template == "chatml":
+            source, note = chatml(self.tok)
+            return source, f"ChatML, as data.chat_template='chatml' asks{note}", False
+        if opts.chat_template:
+            return opts.chat_template, "the Jinja template in data.chat_template", False
+        if own:
+            return own, f"the tokenizer's own (from {self.tok.name_or_path})", False
+        source, note = chatml(self.tok)
+        return source, (f"ChatML, because the tokenizer in {self.tok.name_or_path} has none{note}; exports carry "
+                        "it. Set data.chat_template to the model family's template to use another"), True
 
     # --- records -> (text, supervised character spans) -------------------------------------------
     def render(self, messages, add_generation_prompt=False) -> str:
@@ -188,11 +222,12 @@ class Formatter:
             spans.append((len(prompt), len(upto)))
         return spans
 
-    def text_and_spans(self, record: dict, where: str) -> tuple[str, list[tuple[int, int]] | None]:
-        """(text, spans) where spans=None means every token is supervised."""
+    def text_and_spans(self, record: dict, where: str) -> tuple[str, list[tuple[int, int]] | None, list]:
+        """(text, spans, literal) where spans=None means every token is supervised and `literal` are the
+        character ranges of special-token text inside message content, to be encoded as plain text."""
         fmt = self.opts.format
-        if fmt == "completion":
-            return _string(record, "text", where), None
+        if fmt == "completion":  # the text is the document as the user formatted it: its special tokens stay
+            return _string(record, "text", where), None, []
         if fmt == "alpaca":
             instruction, extra = _string(record, "instruction", where), record.get("input") or ""
             messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
@@ -203,7 +238,63 @@ class Formatter:
             text, spans = self.chat_spans(messages)
         except JaxtuneError as e:  # the template's raise_exception: say which record it refused
             raise JaxtuneError(f"{where}: {e}") from None
-        return text, (None if self.opts.train_on_inputs else spans)
+        return text, (None if self.opts.train_on_inputs else spans), self._literal_ranges(text, messages, where)
+
+    # --- special-token text inside content stays text -------------------------------------------------
+    @cached_property
+    def _special_text(self):
+        """A regex of the special tokens' texts (longest first), or None."""
+        decoder = getattr(self.tok, "added_tokens_decoder", {})
+        texts = sorted({t.content for t in decoder.values() if t.special}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def _literal_ranges(self, text: str, messages: list[dict], where: str) -> list[tuple[int, int]]:
+        """Where message content holds the text of a special token ('<|im_end|>' in a message about chat
+        formats, a scraped '</s>'): those characters are encoded as the text they are, as transformers'
+        split_special_tokens does, so data can neither end a turn early nor inject a control token. A
+        preceding space goes with them (byte-level BPE writes ' <|' as one token)."""
+        if self._special_text is None or not any(self._special_text.search(m["content"]) for m in messages):
+            return []
+        if not self._pieces_encode_exactly:
+            hit = next(m for m in messages if self._special_text.search(m["content"]))
+            raise JaxtuneError(
+                f"{where}: message {messages.index(hit) + 1} holds {self._special_text.search(hit['content'])[0]!r}, "
+                f"the text of a special token of this tokenizer; it would be trained as that token, and this "
+                f"tokenizer (it puts a space in front of every piece it encodes) cannot encode it as plain text in "
+                f"place: remove or rewrite it in the record")
+        ranges, cursor = [], 0
+        for i, msg in enumerate(messages):
+            at = text.find(msg["content"], cursor)
+            if at < 0:
+                raise JaxtuneError(f"{where}: message {i + 1} holds the text of a special token, and the chat "
+                                   f"template does not write the content as it is, so it cannot be kept as plain "
+                                   f"text: remove it from the record")
+            for m in self._special_text.finditer(msg["content"]):
+                lo = at + m.start()
+                ranges.append((lo - (lo > at and text[lo - 1] == " "), at + m.end()))
+            cursor = at + len(msg["content"])
+        return ranges
+
+    @cached_property
+    def _pieces_encode_exactly(self) -> bool:
+        """Whether encoding text in pieces gives the tokens of encoding it whole at a letter/punctuation
+        boundary: true for byte-level BPE (Llama 3, SmolLM, Qwen), false where each piece gets a leading
+        space (SentencePiece's Llama 2 and Mistral tokenizers)."""
+        ids = lambda t: self.tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return ids("a!") == ids("a") + ids("!")
+
+    def _encode_keeping_text(self, text: str, literal: list[tuple[int, int]]) -> tuple[list[int], list]:
+        """Token ids and character offsets of `text`, its `literal` ranges encoded as plain text."""
+        ids, offsets, pos = [], [], 0
+        for lo, hi in [*literal, (len(text), len(text))]:
+            for a, b, as_text in ((pos, lo, False), (lo, hi, True)):
+                if a < b:
+                    enc = self.tok(text[a:b], add_special_tokens=False, split_special_tokens=as_text,
+                                   return_offsets_mapping=True)
+                    ids += enc["input_ids"]
+                    offsets += [(start + a, end + a) for start, end in enc["offset_mapping"]]
+            pos = hi
+        return ids, offsets
 
     # --- batch tokenization ----------------------------------------------------------------------
     def tokenize(self, records: list[dict], source: str = "records", wheres: list[str] | None = None) -> Tokenized:
@@ -212,15 +303,19 @@ class Formatter:
         if self.opts.format == "pretokenized":
             samples = [_pretokenized(r, where) for r, where in zip(records, wheres)]
             return self._assemble(samples, turns=[None] * len(samples))
-        texts, spans = [], []
+        texts, spans, literals = [], [], []
         for record, where in zip(records, wheres):
-            text, span = self.text_and_spans(record, where)
+            text, span, literal = self.text_and_spans(record, where)
             texts.append(text)
             spans.append(span)
+            literals.append(literal)
         completion = self.opts.format == "completion"
         enc = self.tok(texts, add_special_tokens=completion, return_offsets_mapping=True)
-        samples = []
-        for ids, offsets, span in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        samples, kept_as_text = [], 0
+        for ids, offsets, span, text, literal in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, literals):
+            if literal:
+                ids, offsets = self._encode_keeping_text(text, literal)
+                kept_as_text += len(literal)
             ids = np.asarray(ids, np.int32)
             if completion:  # documents end with EOS, which is supervised so the model learns to stop
                 ids = np.append(ids, np.int32(self.tok.eos_token_id))
@@ -235,7 +330,9 @@ class Formatter:
                 for lo, hi in span:
                     weights[(starts >= lo) & (starts < hi)] = 1
             samples.append((ids, weights))
-        return self._assemble(samples, turns=[None if span is None else len(span) for span in spans])
+        data = self._assemble(samples, turns=[None if span is None else len(span) for span in spans])
+        data.special_text_kept = kept_as_text
+        return data
 
     def _assemble(self, samples, turns) -> Tokenized:
         """Check end-of-turn labels (turns[n]: assistant turns of sample n, None = unchecked), apply

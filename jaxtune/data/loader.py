@@ -24,7 +24,8 @@ from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
 from jaxtune.data.preflight import DataReport
 from jaxtune.errors import JaxtuneError
 
-CACHE_VERSION = 2  # 2: chat spans must follow the assistant header (a short turn could match earlier text)
+CACHE_VERSION = 3  # 2: chat spans must follow the assistant header (a short turn could match earlier text);
+# 3: special-token text inside message content is plain text; a tokenizer without a template gets adapted ChatML
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -152,6 +153,7 @@ class PackedData:
     train_report: DataReport
     val_report: DataReport | None
     train_tokenized: Tokenized
+    chat_template: str | None = None  # the Jinja source the records were rendered with (None: no template)
 
 
 def overlap(train, val) -> int:
@@ -163,6 +165,7 @@ def overlap(train, val) -> int:
 def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, val_sources: list[str] = (),
           val_fraction: float = 0.0, seed: int = 0, cache_dir: Path | None = None) -> PackedData:
     """Tokenize (cached), hold out validation (separate files, or a fraction), pack, report."""
+    template = chat_template(tokenizer_dir, opts)
     train = tokenize_sources(list(train_sources), tokenizer_dir, opts, cache_dir=cache_dir)
     if val_sources:
         val = tokenize_sources(list(val_sources), tokenizer_dir, opts, cache_dir=cache_dir)
@@ -178,7 +181,19 @@ def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, 
     train_rows = packing.pack(train, opts.seq_len)
     val_rows = packing.pack(val, opts.seq_len) if val is not None else None
     return PackedData(train_rows, val_rows, DataReport.build(train, train_rows, opts.seq_len),
-                      DataReport.build(val, val_rows, opts.seq_len) if val is not None else None, train)
+                      DataReport.build(val, val_rows, opts.seq_len) if val is not None else None, train, template)
+
+
+def chat_template(tokenizer_dir: str, opts: FormatOptions) -> str | None:
+    """The template chat records are rendered with, said in the log (a warning where jaxtune picked it because
+    the tokenizer has none): the run trains on it, so its exports and its eval prompt must use it too."""
+    if opts.format not in ("chat", "alpaca"):
+        return None
+    from jaxtune.models.hf import load_tokenizer
+
+    formatter = Formatter(load_tokenizer(tokenizer_dir), opts)
+    print(f"{'warning: ' * formatter.template_is_fallback}chat template: {formatter.template_note}")
+    return formatter.template_source
 
 
 class Batches:

@@ -19,6 +19,7 @@ class DataReport:
     dropped: int
     split: int
     turn_ends_unlabelled: int
+    special_text_kept: int  # special-token texts inside message content, encoded as plain text
     seq_len: int
     rows: int
     packing_efficiency: float
@@ -31,7 +32,8 @@ class DataReport:
         counts, _ = np.histogram(lengths, bins=edges)
         return cls(samples=len(data), tokens=int(lengths.sum()), supervised_tokens=int(rows["weights"].sum()),
                    truncated=data.truncated, dropped=data.dropped, split=data.split,
-                   turn_ends_unlabelled=data.turn_ends_unlabelled, seq_len=seq_len, rows=len(rows["tokens"]),
+                   turn_ends_unlabelled=data.turn_ends_unlabelled, special_text_kept=data.special_text_kept,
+                   seq_len=seq_len, rows=len(rows["tokens"]),
                    packing_efficiency=packing.efficiency(rows),
                    length_histogram=[(int(lo), int(hi), int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts)])
 
@@ -64,6 +66,9 @@ class DataReport:
             f"packed into {self.rows:,} rows of {self.seq_len}: efficiency {self.packing_efficiency:.1%}",
             "sample lengths:",
         ]
+        if self.special_text_kept:
+            lines.insert(2, f"special-token text inside messages (e.g. '<|im_end|>' written in a message), encoded as "
+                            f"plain text, not as the token: {self.special_text_kept:,}")
         lines += [f"  {lo:>6}-{hi:<6} {c:>7,} {'#' * round(30 * c / peak)}" for lo, hi, c in self.length_histogram]
         return "\n".join(lines)
 

@@ -470,6 +470,31 @@ def with_classic_rope_keys(hf: dict) -> dict:
     return hf
 
 
+def copy_tokenizer_files(source: Path, out: Path) -> None:
+    """The tokenizer, chat template and generation config of `source`, into `out`."""
+    for fname in TOKENIZER_FILES + ("generation_config.json",):
+        if (source / fname).is_file() and source.resolve() != out.resolve():
+            shutil.copy2(source / fname, out / fname)
+    chat_template_in_tokenizer_config(out)
+
+
+def set_chat_template(out: Path, source: str, end_of_turn_ids: list[int]) -> None:
+    """Make `source` the chat template of the tokenizer files in `out` (chat_template.jinja, and inside
+    tokenizer_config.json for older readers), and let generation stop at its end-of-turn tokens."""
+    (out / "chat_template.jinja").write_text(source)
+    (out / "chat_template.json").unlink(missing_ok=True)  # an older form that would compete with it
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config_file.write_text(json.dumps({**config, "chat_template": source}, indent=2, ensure_ascii=False))
+    gen_file = out / "generation_config.json"
+    if gen_file.is_file() and end_of_turn_ids:
+        gen = json.loads(gen_file.read_text())
+        eos = gen.get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        gen["eos_token_id"] = eos + [i for i in end_of_turn_ids if i not in eos]
+        gen_file.write_text(json.dumps(gen, indent=2))
+
+
 def chat_template_in_tokenizer_config(out: Path) -> None:
     """transformers 5 saves the chat template as chat_template.jinja only; older readers (transformers
     4, llama.cpp's converter) look for it in tokenizer_config.json, so it is copied there too."""
@@ -516,11 +541,7 @@ def write_hf_files(model: Llama, out: Path, *, shard_bytes: int = SHARD_BYTES,
     write_safetensors(hf_tensors(model), out, shard_bytes=shard_bytes)
     hf = hf_config_dict(model)
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    source = Path(tokenizer_from or model.source_path or out)
-    for fname in TOKENIZER_FILES + ("generation_config.json",):
-        if (source / fname).is_file():
-            shutil.copy2(source / fname, out / fname)
-    chat_template_in_tokenizer_config(out)
+    copy_tokenizer_files(Path(tokenizer_from or model.source_path or out), out)
     if not (out / "generation_config.json").exists():
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -147,6 +147,8 @@ def setup_data(cfg) -> Data:
     if packed.val_report is not None:
         print(f"validation data:\n{packed.val_report.text()}")
     packed.train_report.check()
+    if packed.chat_template:  # the eval prompt goes through the template the run trains on
+        tokenizer.chat_template = packed.chat_template
     return Data(model_dir, tokenizer, packed)
 
 
