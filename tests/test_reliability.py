@@ -92,7 +92,8 @@ def test_export_refuses_to_replace_anything_but_its_own_export(straight, tmp_pat
     assert (out / "adapter_model.safetensors").is_file()
     assert cli(["export", run, "--out", out, "--adapter", "--no-verify", "--overwrite", "--step", "4"], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                     "jaxtune_export.json"]
+                                                     "chat_template.jinja", "generation_config.json",
+                                                     "jaxtune_export.json", "tokenizer.json", "tokenizer_config.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
