@@ -362,8 +362,9 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
     except JaxtuneError as e:  # e.g. a batch this slice's mesh does not divide: that row, not the whole table
         return Report(target, None, 0.0, error=str(e))
     cfg = estimate_mod.with_remat(cfg, est.remat)
-    run = estimate_mod.abstract_run(cfg, platform=target.platform, device_kind=target.chip.device_kind)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=target.devices)
+    mesh = sharding.config_mesh(cfg.mesh, devices=target.devices)
+    run = estimate_mod.abstract_run(cfg, platform=target.platform, device_kind=target.chip.device_kind,
+                                    context=dict(mesh.shape)["context"])
     shardings = [sharding.state_shardings(s, mesh) for s in (run.trainable, run.frozen, run.opt_state)]
     steps = loop.jit_steps(cfg, mesh, run.graphdef, run.tx, *shardings, packing.ROW_FIELDS)
     args = train_args(cfg, steps, run.trainable, run.frozen, run.opt_state)

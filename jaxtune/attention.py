@@ -34,9 +34,11 @@ NO_SPLASH = ("TPU v2", "TPU v3")  # Mosaic has no bfloat16 matmul there (E2001, 
 
 
 def resolve(name: str, seq_len: int, window: int | None, platform: str | None = None,
-            device_kind: str | None = None) -> tuple[str, str]:
+            device_kind: str | None = None, context: int = 1) -> tuple[str, str]:
     """(backend, why) for `model.attention = name` on this platform (default: this machine's, and its
-    device kind); an explicit choice the platform cannot run is an error naming the key, "auto" never fails."""
+    device kind); an explicit choice the platform cannot run is an error naming the key, "auto" never fails.
+    With rows split over `context` devices (mesh.context) attention is jaxtune.context's, with splash or
+    the blocked einsum on each device's queries."""
     if platform is None:
         platform, device_kind = jax.default_backend(), device_kind or jax.devices()[0].device_kind
     platform = "gpu" if platform in ("cuda", "rocm") else platform
@@ -45,6 +47,8 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
     if name == "splash" and device_kind in NO_SPLASH:
         raise JaxtuneError(f"model.attention='splash' does not compile on {device_kind} (no bfloat16 matmul in "
                            "its Pallas kernels); use 'auto' (blocked there)")
+    if context > 1:
+        return _resolve_context(name, seq_len, window, platform, device_kind, context)
     if name == "auto":
         if platform == "tpu" and seq_len % 128 == 0 and device_kind not in NO_SPLASH:
             return "splash", "auto: splash attention on TPU"
@@ -63,6 +67,28 @@ def resolve(name: str, seq_len: int, window: int | None, platform: str | None = 
     if name == "blocked":
         return name, f"blocked (model.attention): {blocks_text(seq_len, window)}"
     return name, f"{name} (model.attention)"
+
+
+def _resolve_context(name, seq_len, window, platform, device_kind, cp) -> tuple[str, str]:
+    """`resolve` for rows split over `cp` devices (jaxtune.context): splash on TPU where its tiles fit each
+    device's share, else the blocked einsum against the gathered keys; cudnn/pallas do not run there."""
+    from jaxtune import context
+
+    context.check_length(seq_len, cp)
+    splash_fits = platform == "tpu" and device_kind not in NO_SPLASH and (seq_len // cp) % 128 == 0
+    if name in ("cudnn", "pallas"):
+        raise JaxtuneError(f"model.attention={name!r} does not run with mesh.context={cp}; use 'auto' (the blocked "
+                           "einsum against the gathered keys there)")
+    if name == "splash":
+        if platform != "tpu":
+            raise JaxtuneError(f"model.attention='splash' runs on tpu, not {platform}; use 'auto' (or 'xla', which "
+                               "runs anywhere)")
+        context.check_splash(seq_len, cp)
+    backend = "splash" if name == "splash" or (name == "auto" and splash_fits) else "blocked"
+    how = ("splash attention on each device's queries with a load-balanced causal mask" if backend == "splash" else
+           "each device's queries in blocks against the keys they can see")
+    return backend, (f"context parallelism over {cp} devices: keys and values all-gathered (zigzag layout), {how}"
+                     + ("" if window is None else f", sliding window {window}"))
 
 
 def blocks_text(seq_len: int, window: int | None) -> str:
@@ -116,7 +142,12 @@ def masked(q_bthd, keys_bskd, values_bskd, mask_bts) -> jax.Array:
 def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window: int | None,
            mask_btt=None) -> jax.Array:
     """Self-attention of a packed row with the resolved `backend`; returns [B, T, H * D].
-    `mask_btt` (xla only) is the mask built once outside the layer scan."""
+    `mask_btt` (xla only) is the mask built once outside the layer scan. On a mesh with a `context` axis
+    the rows are split over it (jaxtune.context), whatever the backend."""
+    from jaxtune import context
+
+    if context.size() > 1:
+        return context.attend(q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window, backend)
     if backend == "xla":
         if mask_btt is None:
             mask_btt = mask(positions_bt, segments_bt, positions_bt, segments_bt, window)

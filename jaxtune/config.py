@@ -166,12 +166,14 @@ SCHEMA = [
     ("log.progress", True, "show the progress bar", FLAG),
     ("mesh.data", 1, "data-parallel mesh axis (-1 = the remaining devices)", MESH_AXIS),
     ("mesh.fsdp", -1, "fully sharded data-parallel axis (-1 = the remaining devices)", MESH_AXIS),
+    ("mesh.context", 1, "context-parallel axis: each row's tokens split over this many devices, for rows too "
+                        "long for one (docs/long-context.md)", MESH_AXIS),
     ("mesh.tensor", 1, "tensor-parallel axis (heads, MLP columns)", MESH_AXIS),
     ("resume.allow_changes", "", "comma-separated keys whose change is accepted when resuming a run "
                                  "(e.g. 'train.max_steps,train.lr'); others that change are refused", KEYS),
 ]
 HELP = {key: help_ for key, _, help_, _ in SCHEMA}
-MESH_KEYS = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+MESH_KEYS = ("mesh.data", "mesh.fsdp", "mesh.context", "mesh.tensor")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtune import attention, lora, quant, sharding
+from jaxtune import attention, context, lora, quant, sharding
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import config_from_hf, hf_name, read_hf_config
 from jaxtune.models.llama import (REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq,
@@ -90,6 +90,10 @@ KNOWN_ARCHITECTURES = {
         num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, rms_norm_eps=1e-5),
 }
 KNOWN_ARCHITECTURES["meta-llama/Meta-Llama-3-8B-Instruct"] = KNOWN_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"]
+KNOWN_ARCHITECTURES["meta-llama/Llama-3.1-8B"] = dict(  # Llama 3 8B trained on to 128k positions
+    KNOWN_ARCHITECTURES["meta-llama/Meta-Llama-3-8B"], max_position_embeddings=131072,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192))
 
 
 @dataclasses.dataclass
@@ -197,9 +201,10 @@ class AbstractRun:
     notes: str = ""  # a bitsandbytes 4-bit base trained as stored (lora.quant_options); data.seq_len's warning
 
 
-def abstract_run(cfg, platform: str | None = None, device_kind: str | None = None) -> AbstractRun:
+def abstract_run(cfg, platform: str | None = None, device_kind: str | None = None, context: int = 1) -> AbstractRun:
     """The run's model (NF4 kernels for QLoRA, LoRA attached) and optimizer state, without weights;
-    the attention backend as `platform` (default: this machine's) resolves model.attention."""
+    the attention backend as `platform` (default: this machine's) resolves model.attention for rows split
+    over `context` devices."""
     from jaxtune.train import optim
 
     hf = read_architecture(cfg.model.path)
@@ -210,7 +215,7 @@ def abstract_run(cfg, platform: str | None = None, device_kind: str | None = Non
                           source=f"{cfg.model.path}/config.json")
     try:  # the backend training here would use; a kernel named for another platform is estimated as is
         backend, _ = attention.resolve(cfg.model.attention, cfg.data.seq_len, mcfg.sliding_window, platform,
-                                       device_kind)
+                                       device_kind, context)
     except JaxtuneError:
         backend = cfg.model.attention
     mcfg = dataclasses.replace(mcfg, attention=backend)
@@ -280,9 +285,10 @@ def residual_bytes(fn, *args, per_layer: int) -> tuple[int, int]:
     return size(kept & varying), size(kept - varying)
 
 
-def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str) -> tuple[int, int]:
+def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str, cp: int = 1) -> tuple[int, int]:
     """(per-layer, loop-invariant) bytes one decoder layer keeps for its backward under `remat`, for a
-    micro-batch [batch, seq] (its input, which the layer scan stacks anyway, not included).
+    micro-batch [batch, seq] per device (its input, which the layer scan stacks anyway, not included);
+    with rows split over `cp` devices, the layer one of them runs (jaxtune.context.stand_in).
 
     "xla" attention keeps its [B, H, T, T] probabilities; the fused kernels (cudnn, pallas, splash)
     keep O(T) per head as `blocked` does, which stands in for them (it traces on any platform)."""
@@ -308,10 +314,12 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         return jax.vjp(body, x, trainable)
 
-    mask = jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_) if mcfg.attention == "xla" else None
-    return residual_bytes(forward_and_vjp, jax.ShapeDtypeStruct((batch, seq, mcfg.hidden_size), jnp.dtype(mcfg.dtype)),
-                          one_layer(trainable), one_layer(frozen), jax.random.key(0),
-                          jax.ShapeDtypeStruct((batch, seq), jnp.int32), mask, per_layer=4)
+    mask = jax.ShapeDtypeStruct((batch, seq, seq), jnp.bool_) if mcfg.attention == "xla" and cp == 1 else None
+    with context.stand_in(cp):
+        return residual_bytes(forward_and_vjp, jax.ShapeDtypeStruct((batch, seq, mcfg.hidden_size),
+                                                                    jnp.dtype(mcfg.dtype)),
+                              one_layer(trainable), one_layer(frozen), jax.random.key(0),
+                              jax.ShapeDtypeStruct((batch, seq), jnp.int32), mask, per_layer=4)
 
 
 def _dequantized_kernels(run: AbstractRun) -> list[int]:
@@ -393,24 +401,24 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
     from jaxtune.train.step import chunk_size
 
     devices = devices or jax.device_count()
-    mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices))
-    run = abstract_run(cfg, platform, device_kind)
+    mesh = _MeshShape(sharding.mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices, cfg.mesh.context))
+    run = abstract_run(cfg, platform, device_kind, mesh.shape["context"])
     mcfg = run.model_cfg
     frozen, trainable = per_device_bytes(run.frozen, mesh), per_device_bytes(run.trainable, mesh)
     optimizer = per_device_bytes(run.opt_state, mesh)
     sharding.check_batch(cfg.train.micro_batch_size, mesh.shape)
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    b, t, tensor = cfg.train.micro_batch_size // batch_ways, cfg.data.seq_len, mesh.shape["tensor"]
+    batch_ways, cp = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"]
+    b, t, tensor = cfg.train.micro_batch_size // batch_ways, cfg.data.seq_len // cp, mesh.shape["tensor"]  # per device
     act = jnp.dtype(mcfg.dtype).itemsize
     d, v = mcfg.hidden_size, mcfg.vocab_size
     cal = calibration(platform)
     stream = b * t * d * act  # the residual stream each layer's backward starts from
-    kept, invariant = (n // tensor for n in layer_residual_bytes(run, cfg, b, t, mcfg.remat))
-    every = kept if mcfg.remat == "none" else layer_residual_bytes(run, cfg, b, t, "none")[0] // tensor
+    kept, invariant = (n // tensor for n in layer_residual_bytes(run, cfg, b, t, mcfg.remat, cp))
+    every = kept if mcfg.remat == "none" else layer_residual_bytes(run, cfg, b, t, "none", cp)[0] // tensor
     activations = mcfg.num_layers * (stream + int(cal.residuals_kept * kept)) + invariant
     # Two phases that are never live together: the loss (chunk by chunk, before the layers' backward)
     # and one layer's backward (its forward recomputed where remat dropped it, and its cotangents).
-    chunk = chunk_size(t, cfg.train.loss_chunk)
+    chunk = chunk_size(t * cp, cfg.train.loss_chunk, multiple_of=cp) // cp  # a chunk spans the context shards
     loss = int(cal.logit_copies * b * chunk * v * 4) // tensor + 2 * b * t * d * 4
     loss += int(cal.tied_copies * v * d * act) // tensor if mcfg.tie_word_embeddings else 0
     if mesh.shape["fsdp"] > 1:  # the output projection, gathered once over fsdp, held through the loss
@@ -425,8 +433,10 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
         # its float32 gradient at the gathered size, reduce-scattered while the layers' backward runs
         # (Llama-3-8B full fine-tuning on v4-32: the TPU compiler's 21.25 GiB, 19.36 without this)
         layer += v * d * 4 // tensor
-    if mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
-        heads = -(-mcfg.num_heads // tensor)
+    heads = -(-mcfg.num_heads // tensor)
+    if cp > 1:  # one query block's float32 scores against the whole row, and their cotangents
+        layer += 2 * b * heads * context.query_block(t // 2, t * cp) * t * cp * 4
+    elif mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
         layer += int(cal.blocked_score_copies * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4)
     parts = {
         "frozen": sum(frozen.values()),
@@ -451,6 +461,6 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
     }
     used = math.prod(mesh.shape.values())
     idle = (f"note: the config's mesh uses {used} of the {devices} devices (the others would idle); set one of "
-            "mesh.data/fsdp/tensor to -1 to shard over all of them") * (used < devices)
+            "mesh.data/fsdp/context/tensor to -1 to shard over all of them") * (used < devices)
     return Estimate(parts, details, devices, dict(mesh.shape), mcfg.remat, calibration=cal.name,
                     notes="\n".join(filter(None, [run.notes, idle])), phases={"loss": loss, "layer": layer})

@@ -1,7 +1,9 @@
 """Device mesh and the mapping from logical axis names (in the model) to mesh axes (here only).
 
-The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
-sharded, ZeRO-3 style) and `tensor` (Megatron-style splits of heads and MLP columns).
+The mesh has four axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
+sharded, ZeRO-3 style), `context` (the tokens of a row split over devices, see jaxtune.context; the
+weights are sharded over it too, so the group holds no replicated copy) and `tensor` (Megatron-style
+splits of heads and MLP columns).
 """
 from __future__ import annotations
 
@@ -11,22 +13,23 @@ import math
 import warnings
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.errors import JaxtuneError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical axis (the model's `axes` metadata) -> mesh axes, tried in order. A mesh axis that does not
 # divide the dimension (e.g. 3 KV heads over tensor=2) is dropped for that tensor, which then stays
 # replicated on that axis.
 RULES = {
     "batch": ("data", "fsdp"),
-    "length": (),
+    "length": ("context",),
     "act_embed": (),
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "context"),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
@@ -38,32 +41,48 @@ RULES = {
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("jaxtune_mesh", default=None)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the visible devices (or `devices`: those of a TPU topology
-    compiled for ahead of time); one size may be -1: "all remaining devices"."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, context: int = 1) -> Mesh:
+    """A (data, fsdp, context, tensor) mesh over the visible devices (or `devices`: those of a TPU
+    topology compiled for ahead of time); one size may be -1: "all remaining devices"."""
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = list(mesh_sizes(data, fsdp, tensor, len(devices)).values())
-    if -1 not in (data, fsdp, tensor) and math.prod(sizes) < len(devices):
-        warnings.warn(f"mesh {sizes} uses {math.prod(sizes)} of {len(devices)} devices; set one size to -1 to use all")
-        devices = devices[: math.prod(sizes)]
-    if math.prod(sizes) != len(devices):
-        raise JaxtuneError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} devices, "
-            f"but {len(devices)} are visible; set one of mesh.data/fsdp/tensor to -1 to use the rest"
-        )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices), context)
+    shown = " x ".join(f"{axis}={n}" for axis, n in sizes.items())
+    if -1 not in (data, fsdp, context, tensor) and math.prod(sizes.values()) < len(devices):
+        warnings.warn(f"mesh {shown} uses {math.prod(sizes.values())} of {len(devices)} devices; set one size to -1 "
+                      "to use all")
+        devices = devices[: math.prod(sizes.values())]
+    if math.prod(sizes.values()) != len(devices):
+        raise JaxtuneError(f"mesh {shown} needs {math.prod(sizes.values())} devices, but {len(devices)} are visible; "
+                           "set one of mesh.data/fsdp/context/tensor to -1 to use the rest")
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
-def mesh_sizes(data: int, fsdp: int, tensor: int, devices: int) -> dict:
-    """{axis: size} of a (data, fsdp, tensor) mesh over `devices` devices, a -1 taking the rest."""
-    sizes = dict(zip(MESH_AXES, (data, fsdp, tensor)))
+def config_mesh(mesh_cfg, devices=None) -> Mesh:
+    """The mesh of a config's `mesh.*` keys."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices, context=mesh_cfg.context)
+
+
+def check_context_within_hosts(mesh: Mesh) -> None:
+    """Training needs each `context` group on one host: a process loads whole rows (its own batch rows)
+    and puts a row's pieces on its own devices."""
+    hosts = np.vectorize(lambda d: d.process_index)(mesh.devices)  # [data, fsdp, context, tensor]
+    if (hosts != hosts[:, :, :1, :]).any():
+        raise JaxtuneError(f"mesh.context={mesh.shape['context']} spans several hosts: keep it within one host's "
+                           f"{jax.local_device_count()} devices (a v4-8 host has 4 chips, a v5e-8 host 8) and shard "
+                           "over hosts with mesh.fsdp or mesh.data")
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, devices: int, context: int = 1) -> dict:
+    """{axis: size} of a (data, fsdp, context, tensor) mesh over `devices` devices, a -1 taking the rest."""
+    sizes = dict(zip(MESH_AXES, (data, fsdp, context, tensor)))
     if list(sizes.values()).count(-1) > 1:
-        raise JaxtuneError(f"mesh: at most one of data/fsdp/tensor may be -1, got {list(sizes.values())}")
+        raise JaxtuneError(f"mesh: at most one of data/fsdp/context/tensor may be -1, got {list(sizes.values())}")
     known = math.prod(s for s in sizes.values() if s != -1)
     for axis, size in sizes.items():
         if size == -1:
             if devices % known:
-                raise JaxtuneError(f"mesh {[data, fsdp, tensor]}: {devices} devices are not divisible by {known}")
+                raise JaxtuneError(f"mesh {list(sizes.values())}: {devices} devices are not divisible by {known}")
             sizes[axis] = devices // known
     return sizes
 
@@ -78,7 +97,7 @@ def spec(axes, shape, mesh: Mesh) -> PartitionSpec:
     for name, dim in zip(axes, shape):
         picked = []
         for mesh_axis in RULES.get(name, ()) if name else ():
-            size = mesh.shape[mesh_axis]
+            size = dict(mesh.shape).get(mesh_axis, 1)  # an axis the mesh lacks splits nothing
             if mesh_axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in picked) * size):
                 continue
             picked.append(mesh_axis)

@@ -53,7 +53,7 @@ def test_every_default_is_in_its_domain():
 
 
 def test_at_most_one_mesh_axis_takes_the_remaining_devices():
-    with pytest.raises(JaxtuneError, match=r"mesh.data=-1, mesh.fsdp=-1, mesh.tensor=1: at most one"):
+    with pytest.raises(JaxtuneError, match=r"mesh.data=-1, mesh.fsdp=-1, mesh.context=1, mesh.tensor=1: at most one"):
         config.validate(make(**{"mesh.data": -1, "mesh.fsdp": -1}))
 
 

@@ -97,7 +97,7 @@ def test_estimate_command_runs_offline_on_a_preset_and_names_the_devices_it_fits
     assert trainable == pytest.approx(8.03e9 * 2 / 16 / 2**30, rel=0.01)  # 8.03B bf16 weights over 16 devices
     assert main(["estimate", "configs/llama3_8b_qlora.py", "--devices=16"]) == 0  # its mesh is pinned to 1 x 1 x 1
     assert capsys.readouterr().out.startswith("note: the config's mesh uses 1 of the 16 devices (the others would "
-                                              "idle); set one of mesh.data/fsdp/tensor to -1")
+                                              "idle); set one of mesh.data/fsdp/context/tensor to -1")
 
 
 def test_train_warns_before_loading_a_run_that_cannot_fit(tiny_dir, chat_data, tmp_path, monkeypatch, capsys):

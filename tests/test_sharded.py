@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced 
 def test_mesh_2x2x2_shards_parameters_and_matches_one_device(tmp_path):
     path, _ = make_hf_model(tmp_path, num_key_value_heads=2)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     model = from_pretrained(path, mesh=mesh)
     q = model.layers.q_proj.kernel[...]
     assert q.sharding.spec == P(None, "fsdp", "tensor")
@@ -39,7 +39,7 @@ def test_mesh_2x2x2_shards_parameters_and_matches_one_device(tmp_path):
 
 
 def test_mesh_sizes_and_errors():
-    assert dict(sharding.make_mesh(data=1, fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(sharding.make_mesh(data=1, fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
     with pytest.warns(UserWarning, match="uses 2 of 8 devices"):
         assert sharding.make_mesh(data=1, fsdp=2, tensor=1).devices.size == 2
     with pytest.raises(JaxtuneError, match="needs 12 devices, but 8 are visible"):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxtune import attention, quant, sharding, vocab_parallel
+from jaxtune import attention, context, quant, sharding, vocab_parallel
 
 # The linear projections of a layer, named as HF names the modules (LoRA targets, PEFT files and the
 # HF tensor names in `jaxtune.models.hf` all use these), in the attention / MLP groups HF nests them in.
@@ -195,21 +195,23 @@ class Linear(nnx.Module):
     def __call__(self, x, dropout_key=None):
         """The leading axes are flattened first: with one contracting axis, the weight gradients
         (x^T @ dy over batch and length) need no transposed copy of dy, which XLA:CPU otherwise
-        fuses with the scan's residual slices into a strided loop (40% of a LoRA step)."""
+        fuses with the scan's residual slices into a strided loop (40% of a LoRA step). Not when the rows
+        are split over a `context` axis: merging two sharded axes would gather the length."""
         lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
+        if context.size() == 1:
+            x = x.reshape(-1, x.shape[-1])
         if isinstance(self.kernel, NF4Kernel):
             y = self.kernel(x)
         else:
-            y = jnp.einsum("ni,io->no", x, self.kernel[...].astype(x.dtype))
+            y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:
             if dropout_key is not None and self.lora_dropout > 0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
-            h = jnp.einsum("ni,ir->nr", x, self.lora_a[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
-            y = y + jnp.einsum("nr,ro->no", h, self.lora_b[...].astype(x.dtype))
+            h = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(x.dtype)) * jnp.asarray(self.lora_scale, x.dtype)
+            y = y + jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(x.dtype))
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -324,9 +326,10 @@ class Llama(nnx.Module):
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         x = vocab_parallel.embed(self.embed[...], tokens_bt).astype(jnp.dtype(cfg.dtype))
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
-        if cache is None:  # "xla" builds the mask once here, outside the layer scan; the others need none
+        if cache is None:  # "xla" builds the mask once here, outside the layer scan; the others (and context
+            # parallelism, jaxtune.context) need none
             mask = (attention.mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, cfg.sliding_window)
-                    if cfg.attention == "xla" else None)
+                    if cfg.attention == "xla" and context.size() == 1 else None)
             kv_layers = None
         else:
             kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions_bt, cache.index, axis=1)

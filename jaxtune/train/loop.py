@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune import attention, distributed, lora, sharding
+from jaxtune import attention, context, distributed, lora, sharding
 from jaxtune.atomic import write_text
 from jaxtune.config import flatten, split_list
 from jaxtune.data import loader
@@ -107,7 +107,9 @@ class Steps:
     batch_fields: tuple = ()
 
     def to_device(self, local: dict) -> dict:
-        """This process's rows -> global arrays over the mesh."""
+        """This process's rows -> global arrays over the mesh (in the zigzag order of jaxtune.context when
+        the mesh splits rows over a `context` axis)."""
+        local = context.lay_out(local, dict(self.batch_sharding.mesh.shape).get("context", 1))
         return {name: jax.make_array_from_process_local_data(self.batch_sharding, v) for name, v in local.items()}
 
     def stop_flags(self, rows: int, signal_number: int):
@@ -133,7 +135,8 @@ def check_before_writing(cfg) -> None:
     model_dir = str(resolve_model_path(cfg.model.path))
     hf = read_hf_config(model_dir)
     check_seq_len(cfg.data.seq_len, hf, model_dir)  # a length past the model's is a warning, in the estimate
-    attention.resolve(cfg.model.attention, cfg.data.seq_len, config_from_hf(hf).sliding_window)
+    attention.resolve(cfg.model.attention, cfg.data.seq_len, config_from_hf(hf).sliding_window,
+                      context=max(cfg.mesh.context, 1))  # -1 (the remaining devices) is checked with the mesh
 
 
 def setup_data(cfg) -> Data:
@@ -170,13 +173,14 @@ def open_run_dir(cfg, data: Data) -> tuple[Checkpoints, dict]:
 
 def setup_model(cfg, model_dir: str) -> Model:
     """The mesh, the weights streamed onto it, LoRA attached, and the trainable ⟂ frozen split."""
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = sharding.config_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.micro_batch_size, mesh.shape)
+    sharding.check_context_within_hosts(mesh)
     est = check_fits(cfg, model_dir)
     remat = est.remat
     hf = read_hf_config(model_dir)
     window = config_from_hf(hf).sliding_window
-    backend, why = attention.resolve(cfg.model.attention, cfg.data.seq_len, window)
+    backend, why = attention.resolve(cfg.model.attention, cfg.data.seq_len, window, context=mesh.shape["context"])
     print(f"attention: {why}")
     if cfg.model.verify:
         from jaxtune.export import verify_model

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune import sharding, vocab_parallel
+from jaxtune import context, sharding, vocab_parallel
 from jaxtune.models.llama import Llama
 
 
-def chunk_size(seq_len: int, wanted: int) -> int:
-    """The largest divisor of seq_len not above `wanted` (static shapes need an even split)."""
-    return max(c for c in range(1, min(wanted, seq_len) + 1) if seq_len % c == 0)
+def chunk_size(seq_len: int, wanted: int, multiple_of: int = 1) -> int:
+    """The largest divisor of seq_len not above `wanted` (static shapes need an even split) that is a
+    multiple of `multiple_of` (the context axis: a chunk spans its shards evenly; it divides seq_len)."""
+    return max(c for c in range(multiple_of, max(wanted, multiple_of) + 1, multiple_of) if seq_len % c == 0)
 
 
 def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
@@ -29,9 +30,12 @@ def token_loss_sums(model: Llama, batch: dict, rng, loss_chunk: int):
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
     unembed = model.unembed()
     b, t, d = hidden.shape
-    c = chunk_size(t, loss_chunk)
+    cp = context.size()
+    c = chunk_size(t, loss_chunk, multiple_of=cp)
 
     def split(x):  # [B, T, ...] -> [T/c, B, c, ...] for the scan
+        if cp > 1:  # chunk n: tokens n, n + T/c, ...; each spans every context shard, none is gathered
+            return jnp.moveaxis(x.reshape(b, c, t // c, *x.shape[2:]), 2, 0)
         return jnp.swapaxes(x.reshape(b, t // c, c, *x.shape[2:]), 0, 1)
 
     weights = batch["weights"].astype(jnp.float32)
