@@ -2,6 +2,7 @@
 gather a whole sharded table ("involuntary full rematerialization"), for a random-weight model.
 
     python bench/mesh.py [--mesh 2x2x2] [--method full] [--vocab 32000] [--hidden 512] [--seq 256] [--batch 8]
+    python bench/mesh.py --mesh 1x2x4x1 --seq 8192 ...   # data x fsdp x context x tensor: rows split over 4
 
 Sets XLA_FLAGS=--xla_force_host_platform_device_count=8 itself. Prints one JSON line.
 """
@@ -19,7 +20,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mesh", default="2x2x2", help="data x fsdp x tensor")
+    parser.add_argument("--mesh", default="2x2x2", help="data x fsdp x tensor, or data x fsdp x context x tensor")
     parser.add_argument("--method", default="full", choices=("lora", "full"))
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=512)
@@ -36,10 +37,11 @@ def main():
     from jax.sharding import NamedSharding, PartitionSpec
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from jaxtune import config, estimate, lora, sharding
+    from jaxtune import config, context, estimate, sharding
     from jaxtune.train.step import make_train_step
 
-    data, fsdp, tensor = map(int, args.mesh.split("x"))
+    sizes = list(map(int, args.mesh.split("x")))
+    data, fsdp, cp, tensor = sizes if len(sizes) == 4 else (sizes[0], sizes[1], 1, sizes[2])
     arch = Path(tempfile.mkdtemp()) / "model"
     arch.mkdir()
     (arch / "config.json").write_text(json.dumps({
@@ -50,9 +52,9 @@ def main():
     cfg = config.base_config()
     cfg.model.path, cfg.method, cfg.data.seq_len = str(arch), args.method, args.seq
     cfg.train.micro_batch_size, cfg.lora.dropout, cfg.model.remat = args.batch, 0.0, "none"  # as the README figures
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
-    mesh = sharding.make_mesh(data, fsdp, tensor)
-    run = estimate.abstract_run(cfg)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor = data, fsdp, cp, tensor
+    mesh = sharding.config_mesh(cfg.mesh)
+    run = estimate.abstract_run(cfg, context=cp)
     shardings = [sharding.state_shardings(s, mesh) for s in (run.trainable, run.frozen, run.opt_state)]
     def random(tree, shard, scale=0.02):  # weights: small random values; optimizer state: zeros
         def one(leaf, where):
@@ -70,7 +72,7 @@ def main():
     batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "weights": np.ones(tokens.shape, np.float32),
              "segment_ids": np.ones_like(tokens), "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32),
                                                                                 tokens.shape).copy()}
-    batch = {k: jax.device_put(v, rows) for k, v in batch.items()}
+    batch = {k: jax.device_put(v, rows) for k, v in context.lay_out(batch, cp).items()}  # zigzag order under cp
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def in_mesh(*a):
@@ -86,7 +88,7 @@ def main():
                                              jax.random.key(i))
         float(metrics["loss_sum"])
         times.append(time.perf_counter() - start)
-    print(json.dumps({"mesh": args.mesh, "method": args.method, "vocab": args.vocab, "hidden": args.hidden,
+    print(json.dumps({"mesh": args.mesh, "attention": run.model_cfg.attention, "method": args.method, "vocab": args.vocab, "hidden": args.hidden,
                       "seq": args.seq, "batch": args.batch, "compile_s": round(times[0], 2),
                       "step_s_median": round(statistics.median(times[1:]), 4),
                       "loss": float(metrics["loss_sum"]) / tokens.size}))

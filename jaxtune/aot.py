@@ -271,6 +271,8 @@ class Report:
                  f"{self.memory.argument_size_in_bytes / GiB:.2f} + temporaries {self.memory.temp_size_in_bytes / GiB:.2f}"
                  f" + outputs not donated) of {chip.hbm / GiB:.0f} GiB: {verdict}; the estimate says "
                  f"{est / GiB:.2f} GiB ({est / self.peak:.2f}x, {self.estimate.calibration} calibration)",
+                 f"  in host memory (model.remat='offload'): {self.memory.host_temp_size_in_bytes / GiB:.2f} GiB per "
+                 "device" if self.memory.host_temp_size_in_bytes else "",
                  f"  eval step: {_peak(self.eval_memory) / GiB:.2f} GiB per device" if self.eval_memory else "",
                  f"  matmul FLOPs per micro-step per device: {self.flops / 1e12:.3f} TFLOP (from the HLO, "
                  f"loops counted by their trip counts{self._kernel_note()})",
@@ -391,7 +393,7 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
                   "remat_warnings": sum("involuntary full rematerialization" in line for line in warnings)}
         store(key, result)
     report.cached, report.seconds = compiled is None, result["seconds"]
-    memories = [types.SimpleNamespace(**m) for m in result["memory"]] + [None]
+    memories = [types.SimpleNamespace(**{**dict.fromkeys(MEMORY_FIELDS, 0), **m}) for m in result["memory"]] + [None]
     report.memory, report.eval_memory = memories[0], memories[1]
     report.stats = hlo.analyze(result["hlo"])
     if report.stats.kernels:
@@ -402,11 +404,11 @@ def compile_run(cfg, target: Target, eval_step: bool = True) -> Report:
 
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-                 "generated_code_size_in_bytes")
+                 "generated_code_size_in_bytes", "host_temp_size_in_bytes")
 
 
 def _memory_dict(m) -> dict:
-    return {name: int(getattr(m, name)) for name in MEMORY_FIELDS}
+    return {name: int(getattr(m, name, 0)) for name in MEMORY_FIELDS}
 
 
 def compiler_versions() -> str:

@@ -105,7 +105,8 @@ SCHEMA = [
     ("model.param_dtype", "float32", "storage dtype of the (frozen) weights", DTYPE),
     ("model.remat", "auto", "activation recomputation per layer: 'auto' ('dots' on CPU; on an accelerator the least "
                             "that fits, by the estimate; the run log says which), 'none', 'dots' (keep the outputs of "
-                            "matmuls and attention), 'full' (keep only each layer's input)", one_of("auto", *REMAT_POLICIES)),
+                            "matmuls and attention), 'full' (keep only each layer's input), 'offload' (as 'full', that input in "
+                            "host memory: TPU/GPU)", one_of("auto", *REMAT_POLICIES)),
     ("model.attention", "auto", "attention backend: 'auto' (the best this platform runs; the run log says which), "
                                 "'xla' (einsum, any platform), 'blocked' (skips masked blocks), 'cudnn' or 'pallas' "
                                 "(GPU), 'splash' (TPU)", one_of(*ATTENTION_BACKENDS)),

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxtune import attention, context, lora, quant, sharding
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.hf import config_from_hf, hf_name, read_hf_config
-from jaxtune.models.llama import (REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq,
+from jaxtune.models.llama import (HOST_OFFLOAD, REMAT_POLICIES, Llama, ModelConfig, NF4Kernel, QuantizedArray, rope_inv_freq,
                                    rope_tables)
 
 GiB = 1024**3
@@ -378,7 +378,8 @@ def estimate(cfg, devices: int | None = None, platform: str | None = None, capac
     """Memory per device of the run `cfg` on `devices` devices (default: those visible here) of
     `platform` (default: this machine's; it picks the attention kernel and the calibration).
     model.remat='auto' resolves: CPU_REMAT on CPU; on an accelerator the least recomputation that fits
-    `capacity` bytes (default: this device's) — 'none', the fastest, else 'dots', else 'full'."""
+    `capacity` bytes (default: this device's) — 'none', the fastest, else 'dots', else 'full', else 'offload'
+    (each layer's input in host memory)."""
     if platform is None:  # this machine: its device kind decides too (no splash on TPU v2/v3)
         platform, device_kind = jax.default_backend(), device_kind or jax.devices()[0].device_kind
     if cfg.model.remat != "auto":
@@ -388,12 +389,13 @@ def estimate(cfg, devices: int | None = None, platform: str | None = None, capac
         return dataclasses.replace(est, remat_why=f"auto: {CPU_REMAT!r} on CPU (recomputing element-wise ops is "
                                                   "faster there than keeping them)")
     limit = capacity or device_memory()
-    for policy in ("none", "dots", "full"):
+    for policy in ("none", "dots", "full", "offload"):
         est = _estimate(with_remat(cfg, policy), devices, platform, device_kind)
         if limit is None or est.fits(limit):
             return dataclasses.replace(est, remat_why=f"auto: {policy!r}, the least recomputation that fits "
                                                       f"({est.total / GiB:.1f} GiB per device)")
-    return dataclasses.replace(est, remat_why="auto: 'full' (the most recomputation; even it may not fit)")
+    return dataclasses.replace(est, remat_why="auto: 'offload' (the most recomputation, the stream in host memory; "
+                                              "even it may not fit)")
 
 
 def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None = None) -> Estimate:
@@ -413,9 +415,11 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
     d, v = mcfg.hidden_size, mcfg.vocab_size
     cal = calibration(platform)
     stream = b * t * d * act  # the residual stream each layer's backward starts from
-    kept, invariant = (n // tensor for n in layer_residual_bytes(run, cfg, b, t, mcfg.remat, cp))
-    every = kept if mcfg.remat == "none" else layer_residual_bytes(run, cfg, b, t, "none", cp)[0] // tensor
-    activations = mcfg.num_layers * (stream + int(cal.residuals_kept * kept)) + invariant
+    offloaded = mcfg.remat in HOST_OFFLOAD  # the stream in host memory; on the device, as 'full'
+    policy = "full" if offloaded else mcfg.remat
+    kept, invariant = (n // tensor for n in layer_residual_bytes(run, cfg, b, t, policy, cp))
+    every = kept if policy == "none" else layer_residual_bytes(run, cfg, b, t, "none", cp)[0] // tensor
+    activations = mcfg.num_layers * (stream * (not offloaded) + int(cal.residuals_kept * kept)) + invariant
     # Two phases that are never live together: the loss (chunk by chunk, before the layers' backward)
     # and one layer's backward (its forward recomputed where remat dropped it, and its cotangents).
     chunk = chunk_size(t * cp, cfg.train.loss_chunk, multiple_of=cp) // cp  # a chunk spans the context shards
@@ -434,8 +438,8 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
         # (Llama-3-8B full fine-tuning on v4-32: the TPU compiler's 21.25 GiB, 19.36 without this)
         layer += v * d * 4 // tensor
     heads = -(-mcfg.num_heads // tensor)
-    if cp > 1:  # one query block's float32 scores against the whole row, and their cotangents
-        layer += 2 * b * heads * context.query_block(t // 2, t * cp) * t * cp * 4
+    if cp > 1:  # one query block's float32 scores against the whole row, and their cotangents (splash: O(T))
+        layer += 2 * b * heads * context.query_block(t // 2, t * cp) * t * cp * 4 * (mcfg.attention == "blocked")
     elif mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
         layer += int(cal.blocked_score_copies * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4)
     parts = {
@@ -453,8 +457,8 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
         "optimizer": f"AdamW moments + MultiSteps' gradient accumulator: {show(optimizer)}",
         "gradients": "one gradient of the trainable weights",
         "activations": f"micro-batch {b} x {t} per device; {mcfg.num_layers} layers x ({stream / MiB:.1f} MiB "
-                       f"stream + {cal.residuals_kept * kept / MiB:.1f} MiB kept by remat={mcfg.remat!r}, "
-                       f"attention={mcfg.attention!r})",
+                       f"stream{' in host memory' * offloaded} + {cal.residuals_kept * kept / MiB:.1f} MiB kept by "
+                       f"remat={mcfg.remat!r}, attention={mcfg.attention!r})",
         "backward peak": f"the larger of the loss ({loss / MiB:.0f} MiB: float32 logits of {b} x {chunk} tokens "
                          f"x {v}, train.loss_chunk={cfg.train.loss_chunk}) and one layer's backward "
                          f"({layer / MiB:.0f} MiB{': its forward again, remat dropped it' * (mcfg.remat != 'none')})",

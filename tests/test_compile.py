@@ -195,3 +195,19 @@ def test_tpu_v3_gets_blocked_attention_because_splash_does_not_compile_there(tin
     with pytest.raises(JaxtuneError, match="does not compile on TPU v3"):
         attention.resolve("splash", 1024, None, "tpu", "TPU v3")
     assert attention.resolve("auto", 1024, None, "tpu", "TPU v4")[0] == "splash"
+
+
+def test_context_parallel_splash_compiles_for_a_v4_slice_and_offload_moves_the_stream_to_host(tiny_arch, tmp_path):
+    """mesh.context=4 on a v4-8: the TPU compiler takes splash under the load-balanced mask on each chip's
+    quarter of the row; model.remat='offload' puts exactly the layer inputs in host memory, where 'full'
+    keeps them on the chip (what that saves on the chip shows at 8B scale: docs/long-context.md)."""
+    cp = {"mesh.fsdp": 1, "mesh.context": 4}
+    full = compiled(tiny_arch, tmp_path, "lora", "v4-8", 4096, 1, **cp)
+    offload = compiled(tiny_arch, tmp_path, "lora", "v4-8", 4096, 1, **cp, **{"model.remat": "offload"})
+    for report in (full, offload):
+        assert not report.error, report.error
+        assert report.attention == "splash" and report.stats.kernels > 0 and report.fits and report.chips == 4
+    stream = TINY["num_hidden_layers"] * 1024 * TINY["hidden_size"] * 2  # per chip: 1,024 tokens, bfloat16
+    assert full.memory.host_temp_size_in_bytes == 0
+    assert offload.memory.host_temp_size_in_bytes == stream  # every layer's input, and nothing else
+    assert "in host memory (model.remat='offload'): " in offload.text()

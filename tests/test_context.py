@@ -192,3 +192,15 @@ def test_a_context_group_across_hosts_is_refused_for_training():
     sharding.check_context_within_hosts(mesh([0, 0, 1, 1]))  # fsdp over the hosts, context inside each
     with pytest.raises(JaxtuneError, match=r"^mesh.context=2 spans several hosts: keep it within one host's"):
         sharding.check_context_within_hosts(mesh([0, 1, 0, 1]))
+
+
+def test_offload_is_refused_on_cpu_before_anything_is_written(tiny_dir, chat_data, tmp_path):
+    from conftest import run_config
+
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.train.loop import train
+
+    with pytest.raises(JaxtuneError, match=r"^model.remat='offload' keeps each layer's input in host memory, and on "
+                                           r"CPU .*: use 'full'$"):
+        train(run_config(tiny_dir, chat_data, tmp_path / "run", **{"model.remat": "offload"}))
+    assert not (tmp_path / "run").exists()

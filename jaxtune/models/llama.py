@@ -37,7 +37,13 @@ REMAT_POLICIES = {  # ModelConfig.remat: what a layer keeps for the backward pas
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names("attention_out")),
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    # as "full", with each layer's input (what the layer scan keeps: the residual stream) in host memory,
+    # fetched back for its backward: long rows whose stream alone fills a chip (TPU, GPU; not XLA:CPU)
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
 }
+HOST_OFFLOAD = ("offload",)  # the policies that need a host memory space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +348,7 @@ class Llama(nnx.Module):
 
         def body(x, scanned):
             state, kv, layer_rng = scanned
+            x = checkpoint_name(x, "layer_input")  # what remat='offload' moves to host memory
             layer = nnx.merge(graphdef, state)  # one layer's slice of the stack
             x, new_kv = layer(x, cfg, positions_bt, segment_ids_bt, mask, rope, kv,
                               None if cache is None else cache.index, layer_rng)

@@ -38,7 +38,7 @@ from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
 from jaxtune.estimate import check_fits, check_seq_len
 from jaxtune.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config, resolve_model_path
-from jaxtune.models.llama import parameter_count
+from jaxtune.models.llama import HOST_OFFLOAD, parameter_count
 from jaxtune.paths import run_path
 from jaxtune.train import curves, optim, run_dir
 from jaxtune.train.checkpoint import Checkpoints
@@ -135,6 +135,9 @@ def check_before_writing(cfg) -> None:
     model_dir = str(resolve_model_path(cfg.model.path))
     hf = read_hf_config(model_dir)
     check_seq_len(cfg.data.seq_len, hf, model_dir)  # a length past the model's is a warning, in the estimate
+    if cfg.model.remat in HOST_OFFLOAD and jax.default_backend() == "cpu":
+        raise JaxtuneError(f"model.remat={cfg.model.remat!r} keeps each layer's input in host memory, and on CPU the "
+                           "run is in host memory already (XLA:CPU has no such memory space): use 'full'")
     attention.resolve(cfg.model.attention, cfg.data.seq_len, config_from_hf(hf).sliding_window,
                       context=max(cfg.mesh.context, 1))  # -1 (the remaining devices) is checked with the mesh
 
