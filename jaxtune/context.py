@@ -107,7 +107,7 @@ def attend(q, k, v, positions, segments, window: int | None, backend: str = "blo
     if backend == "splash":
         kernel = _splash_kernel(t, cp, q.shape[2] // k.shape[2], window, interpret)
         kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, "context")))
-        local = functools.partial(_splash_one_device, window=window, gather=gather)
+        local = functools.partial(_splash_one_device, gather=gather)
         out = jax.shard_map(local, mesh=mesh, in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, rows, rows),
                             out_specs=q_spec, check_vma=False)(kernel, q, k, v, positions, segments)
     else:
@@ -136,14 +136,12 @@ def _splash_kernel(t: int, cp: int, group: int, window: int | None, interpret: b
                                   q_seq_shards=cp, interpret=interpret)
 
 
-def _splash_one_device(kernel, q, k, v, q_pos, q_seg, window, gather):
+def _splash_one_device(kernel, q, k, v, q_pos, q_seg, gather):
     """One device's queries [B, T/cp, H, D] against the gathered keys and values (un-repeated: [B, T, K, D]),
-    put back in row order; one MQA call per (row, KV head)."""
+    in row order; one MQA call per (row, KV head). The kernel's mask holds the window, if any."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
-    t = q.shape[1] * size()
-    restore = np.argsort(order(t, size()))
-    k, v, kv_seg = (jnp.take(gather(x), restore, axis=1) for x in (k, v, q_seg))
+    k, v, kv_seg = _gathered_in_row_order(gather, k, v, q_seg)
     b, tl, h, d = q.shape
     heads = k.shape[2]
     q = (q * d**-0.5).reshape(b, tl, heads, h // heads, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T/cp, D]
@@ -161,14 +159,20 @@ def _one_device(q, k, v, q_pos, q_seg, window, gather):
     """One device's queries (two chunks of the zigzag layout) against the gathered keys and values. These
     are put back in row order (a static gather), so that the first chunk (i < cp) reads only the first half
     of them: it lies in that half and sees nothing after it (1.5·T keys per device instead of 2·T)."""
-    t = q.shape[1] * size()
-    restore = np.argsort(order(t, size()))  # gathered (device order) -> row order
-    k, v, kv_pos, kv_seg = (jnp.take(gather(x), restore, axis=1) for x in (k, v, q_pos, q_seg))
-    c, half = q.shape[1] // 2, t // 2
+    k, v, kv_pos, kv_seg = _gathered_in_row_order(gather, k, v, q_pos, q_seg)
+    c, half = q.shape[1] // 2, k.shape[1] // 2
     first = _by_position(q[:, :c], k[:, :half], v[:, :half], kv_pos[:, :half], kv_seg[:, :half], q_pos[:, :c],
                          q_seg[:, :c], window)
     second = _by_position(q[:, c:], k, v, kv_pos, kv_seg, q_pos[:, c:], q_seg[:, c:], window)
     return jnp.concatenate([first, second], axis=1)
+
+
+def _gathered_in_row_order(gather, *local):
+    """Each device's [B, T/cp, ...] pieces gathered over `context` and put back in row order (a static
+    gather by the inverse of the zigzag layout)."""
+    t = local[0].shape[1] * size()
+    restore = np.argsort(order(t, size()))
+    return [jnp.take(gather(x), restore, axis=1) for x in local]
 
 
 def _by_position(q, k, v, kv_pos, kv_seg, q_pos, q_seg, window):

@@ -438,9 +438,10 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
         # (Llama-3-8B full fine-tuning on v4-32: the TPU compiler's 21.25 GiB, 19.36 without this)
         layer += v * d * 4 // tensor
     heads = -(-mcfg.num_heads // tensor)
-    if cp > 1:  # one query block's float32 scores against the whole row, and their cotangents (splash: O(T))
-        layer += 2 * b * heads * context.query_block(t // 2, t * cp) * t * cp * 4 * (mcfg.attention == "blocked")
-    elif mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
+    if cp > 1 and mcfg.attention == "blocked":  # one query block's float32 scores against the whole row, and
+        # their cotangents (splash keeps O(T))
+        layer += 2 * b * heads * context.query_block(t // 2, t * cp) * t * cp * 4
+    elif cp == 1 and mcfg.attention == "blocked":  # its query blocks' backward runs side by side (the kernels' do not)
         layer += int(cal.blocked_score_copies * b * heads * attention.blocked_score_elements(t, mcfg.sliding_window) * 4)
     parts = {
         "frozen": sum(frozen.values()),
