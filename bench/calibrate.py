@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 CONSTANTS = ("residuals_kept", "logit_copies", "layer_cotangents", "blocked_score_copies", "tied_copies",
-             "largest_kernel_copies", "layer_kernels_f32")
+             "largest_kernel_copies", "layer_kernels_f32", "gathered_layers")
 GRID = {
     "residuals_kept": np.round(np.arange(0.5, 1.21, 0.05), 2),
     "logit_copies": np.array([2.0]),
@@ -29,6 +29,7 @@ GRID = {
     "tied_copies": np.array([0.0, 1.0, 2.0]),
     "largest_kernel_copies": np.array([0.0, 1.0, 2.0]),
     "layer_kernels_f32": np.arange(0.0, 2.01, 0.25),
+    "gathered_layers": np.array([0.0, 1.0, 2.0]),
 }
 
 

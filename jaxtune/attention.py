@@ -152,13 +152,17 @@ def attend(backend: str, q_bthd, keys_btkd, values_btkd, positions_bt, segments_
         if mask_btt is None:
             mask_btt = mask(positions_bt, segments_bt, positions_bt, segments_bt, window)
         return masked(q_bthd, keys_btkd, values_btkd, mask_btt)
-    impl = {"blocked": _blocked, "cudnn": _cudnn, "pallas": _pallas_gpu, "splash": _splash}[backend]
+    impl = {"blocked": _blocked, "cudnn": _cudnn, "pallas": _pallas_gpu, "splash": _splash,
+            **{name: functools.partial(_kernel_stand_in, repeat=name == STAND_INS["splash"])
+               for name in set(STAND_INS.values())}}[backend]
     if backend in KERNELS:
         impl = per_shard(impl)
     b, t, h, d = q_bthd.shape
     return impl(q_bthd, keys_btkd, values_btkd, positions_bt, segments_bt, window).reshape(b, t, h * d)
 
 
+# What `jaxtune estimate` traces in place of each fused kernel (not config values): their memory
+STAND_INS = {"cudnn": "stand_in_gqa", "pallas": "stand_in_repeated_kv", "splash": "stand_in_repeated_kv"}
 KERNELS = ("pallas", "splash")  # Pallas kernels: the SPMD partitioner cannot split them, a shard_map must
 
 
@@ -230,6 +234,30 @@ def _blocked(q, k, v, positions, segments, window, block: int = BLOCKED_BLOCK):
                               segments[:, ks]))
     out = jnp.concatenate(outs, axis=1)
     return out[:, :t] if padded > t else out
+
+
+def _kernel_stand_in(q, k, v, positions, segments, window, repeat: bool):
+    """The einsum, keeping for its backward what a fused kernel keeps: q, k and v (`repeat`ed to the query
+    heads where jaxtune calls the kernel so: splash, pallas), the output and a float32 log-sum-exp per query
+    and head. `jaxtune estimate` traces it in the kernels' place (they do not trace on every platform); the
+    blocked einsum would stand in badly, its query blocks keep their key prefixes (T^2 / 256 keys). Its
+    backward is never run."""
+    b, t, h, d = q.shape
+
+    @jax.custom_vjp
+    def kernel(q, k, v):
+        return masked(q, k, v, mask(positions, segments, positions, segments, window))
+
+    def forward(q, k, v):
+        out = kernel(q, k, v)
+        kept_k, kept_v = _repeat_kv(q, k, v) if repeat else (k, v)
+        return out, (q, kept_k, kept_v, out, jnp.zeros((b, h, t), jnp.float32))
+
+    def backward(residuals, g):
+        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+
+    kernel.defvjp(forward, backward)
+    return kernel(q, k, v)
 
 
 def _cudnn(q, k, v, positions, segments, window, implementation="cudnn"):

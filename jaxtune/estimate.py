@@ -53,16 +53,18 @@ class Calibration:
     tied_copies: float = 2  # tied embeddings: the transposed output projection and its cotangent
     largest_kernel_copies: float = 2  # QLoRA: the largest dequantized kernel of a layer, in the compute dtype
     layer_kernels_f32: float = 0  # QLoRA: all of a layer's kernels dequantized in float32 at once (XLA:TPU)
+    gathered_layers: float = 0  # weights sharded over fsdp/context: one layer's weights gathered, copies at once
 
 
 CALIBRATIONS = {
     "cpu": Calibration("XLA:CPU", residuals_kept=0.82, logit_copies=2, layer_cotangents=0.55, blocked_score_copies=1.5),
-    # fitted by bench/calibrate.py on libtpu 0.0.42.1's compiles of the 7 presets on v2-8 ... v6e-8 (24 that
-    # compile): estimate / compiler 0.91-1.13 (was 0.83-1.47 with XLA:CPU's constants). XLA:TPU keeps
-    # every layer input, dequantizes a QLoRA layer's kernels together in float32, and its splash kernels
-    # hold no scores; on small chips (v2, v5e) it schedules tighter than the estimate (the 1.13).
-    "tpu": Calibration("XLA:TPU", residuals_kept=1.0, logit_copies=2, layer_cotangents=0.45, blocked_score_copies=0.25,
-                       tied_copies=0, largest_kernel_copies=0, layer_kernels_f32=1.25),
+    # fitted by bench/calibrate.py on libtpu 0.0.42.1's compiles: the 7 presets on v2-8 ... v6e-8 (37 that
+    # compile, batch-raised rows included) and the long-context rows of docs/long-context.md (128k and
+    # 512k with mesh.context, 32k without): estimate / compiler 0.92-1.12. XLA:TPU keeps every layer
+    # input, dequantizes a QLoRA layer's kernels together in float32, holds a layer's weights gathered
+    # over fsdp while it runs, and its splash kernels hold no scores.
+    "tpu": Calibration("XLA:TPU", residuals_kept=1.05, logit_copies=2, layer_cotangents=0.45, blocked_score_copies=0,
+                       tied_copies=0, largest_kernel_copies=0, layer_kernels_f32=1.5, gathered_layers=1),
 }
 
 
@@ -291,10 +293,10 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
     with rows split over `cp` devices, the layer one of them runs (jaxtune.context.stand_in).
 
     "xla" attention keeps its [B, H, T, T] probabilities; the fused kernels (cudnn, pallas, splash)
-    keep O(T) per head as `blocked` does, which stands in for them (it traces on any platform)."""
+    keep q, k, v, their output and a log-sum-exp, as their stand-ins do (they trace on any platform)."""
     mcfg = run.model_cfg
     if mcfg.attention not in ("xla", "blocked"):
-        mcfg = dataclasses.replace(mcfg, attention="blocked")
+        mcfg = dataclasses.replace(mcfg, attention=attention.STAND_INS[mcfg.attention])
     model = nnx.merge(run.graphdef, run.trainable, run.frozen)
     graphdef, trainable, frozen = nnx.split(model.layers, lora.trainable_filter(cfg.method, cfg.lora.modules_to_save),
                                             ...)
@@ -320,6 +322,15 @@ def layer_residual_bytes(run: AbstractRun, cfg, batch: int, seq: int, remat: str
                                                                     jnp.dtype(mcfg.dtype)),
                               one_layer(trainable), one_layer(frozen), jax.random.key(0),
                               jax.ShapeDtypeStruct((batch, seq), jnp.int32), mask, per_layer=4)
+
+
+def _layer_weight_bytes(state, itemsize: int | None = None) -> int:
+    """Bytes of one decoder layer's weights in `state` (its `layers` leaves are stacked over the layers),
+    as stored or at `itemsize` bytes per element."""
+    if "layers" not in state:
+        return 0
+    leaves = jax.tree.leaves(state["layers"])
+    return sum(leaf.size * (itemsize or np.dtype(leaf.dtype).itemsize) // leaf.shape[0] for leaf in leaves)
 
 
 def _dequantized_kernels(run: AbstractRun) -> list[int]:
@@ -432,6 +443,11 @@ def _estimate(cfg, devices: int | None, platform: str, device_kind: str | None =
         kernels = _dequantized_kernels(run)
         layer += int(cal.largest_kernel_copies * max(kernels, default=0) * act)
         layer += int(cal.layer_kernels_f32 * sum(kernels) * 4)
+    if mesh.shape["fsdp"] * cp > 1:  # the layer's weights gathered for its matmuls (the scan prefetches the next
+        # layer's), and the trained ones' float32 gradients at that size until they are reduce-scattered
+        weights = _layer_weight_bytes(run.trainable) + _layer_weight_bytes(run.frozen)
+        layer += int(cal.gathered_layers * weights) // tensor
+        layer += _layer_weight_bytes(run.trainable, itemsize=4) // tensor
     unembed = "embed" if mcfg.tie_word_embeddings else "lm_head"
     if mesh.shape["fsdp"] > 1 and unembed in {path[0] for path, _ in nnx.to_flat_state(run.trainable)}:
         # its float32 gradient at the gathered size, reduce-scattered while the layers' backward runs

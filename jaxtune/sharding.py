@@ -63,14 +63,30 @@ def config_mesh(mesh_cfg, devices=None) -> Mesh:
     return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices, context=mesh_cfg.context)
 
 
-def check_context_within_hosts(mesh: Mesh) -> None:
-    """Training needs each `context` group on one host: a process loads whole rows (its own batch rows)
-    and puts a row's pieces on its own devices."""
+def row_feeds(mesh: Mesh, process: int | None = None) -> tuple[int, int]:
+    """(this process's feed, feeds). Batch rows are split over data x fsdp; the processes whose devices hold
+    the same rows (a context group spanning hosts) form one feed: each is given those rows and puts its own
+    devices' pieces of them on the mesh. Without such groups every process is a feed of its own."""
+    process = jax.process_index() if process is None else process
     hosts = np.vectorize(lambda d: d.process_index)(mesh.devices)  # [data, fsdp, context, tensor]
-    if (hosts != hosts[:, :, :1, :]).any():
-        raise JaxtuneError(f"mesh.context={mesh.shape['context']} spans several hosts: keep it within one host's "
-                           f"{jax.local_device_count()} devices (a v4-8 host has 4 chips, a v5e-8 host 8) and shard "
-                           "over hosts with mesh.fsdp or mesh.data")
+    holders = [frozenset(shard.ravel().tolist()) for shard in hosts.reshape(-1, *hosts.shape[2:])]
+    runs = []  # [processes, row shards] of each run of consecutive row shards held by the same processes
+    for h in holders:
+        if runs and runs[-1][0] == h:
+            runs[-1][1] += 1
+        else:
+            runs.append([h, 1])
+    feeds = [h for h, _ in runs]
+    disjoint = len(set().union(*feeds)) == sum(map(len, feeds))  # no process in two feeds, no feed twice
+    if not disjoint or len({n for _, n in runs}) != 1:
+        raise JaxtuneError(f"mesh {dict(mesh.shape)}: its row shards are spread over the hosts so that no host can "
+                           "be given whole rows (the processes of each row shard: "
+                           f"{[sorted(h) for h in holders]}); put mesh.context inside a host or over whole hosts")
+    mine = [i for i, h in enumerate(feeds) if process in h]
+    if not mine:
+        raise JaxtuneError(f"mesh {dict(mesh.shape)} uses none of process {process}'s devices: set one of "
+                           "mesh.data/fsdp/context/tensor to -1 so that it spans every host")
+    return mine[0], len(feeds)
 
 
 def mesh_sizes(data: int, fsdp: int, tensor: int, devices: int, context: int = 1) -> dict:

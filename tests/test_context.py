@@ -179,19 +179,23 @@ def test_the_backend_under_context_parallelism_and_what_is_refused():
         attention.resolve("splash", 1024, None, "cpu", context=2)
 
 
-def test_a_context_group_across_hosts_is_refused_for_training():
-    """Each host loads whole rows for its own devices: a group split over two processes is one line."""
+def test_processes_holding_the_same_rows_are_fed_the_same_rows():
+    """A context group inside each host: every process its own rows. One spanning the hosts: its processes
+    are given the same rows. A layout where a host would hold pieces of two groups' rows is one line."""
     from types import SimpleNamespace
 
     from jaxtune.errors import JaxtuneError
 
-    def mesh(hosts):
-        devices = np.array([SimpleNamespace(process_index=h) for h in hosts], object).reshape(1, 2, 2, 1)
-        return SimpleNamespace(devices=devices, shape={"data": 1, "fsdp": 2, "context": 2, "tensor": 1})
+    def mesh(hosts, fsdp=2, context=2):
+        devices = np.array([SimpleNamespace(process_index=h) for h in hosts], object).reshape(1, fsdp, context, 1)
+        return SimpleNamespace(devices=devices, shape={"data": 1, "fsdp": fsdp, "context": context, "tensor": 1})
 
-    sharding.check_context_within_hosts(mesh([0, 0, 1, 1]))  # fsdp over the hosts, context inside each
-    with pytest.raises(JaxtuneError, match=r"^mesh.context=2 spans several hosts: keep it within one host's"):
-        sharding.check_context_within_hosts(mesh([0, 1, 0, 1]))
+    assert [sharding.row_feeds(mesh([0, 0, 1, 1]), p) for p in (0, 1)] == [(0, 2), (1, 2)]  # context in each host
+    assert [sharding.row_feeds(mesh([0, 1, 0, 1]), p) for p in (0, 1)] == [(0, 1), (0, 1)]  # both rows on both hosts: one feed
+    assert [sharding.row_feeds(mesh([0, 1, 2, 3], 2, 2), p) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert sharding.row_feeds(mesh([0] * 4 + [1] * 4, 1, 8), 1) == (0, 1)  # one row over both hosts
+    with pytest.raises(JaxtuneError, match=r"no host can be given whole rows .* put mesh.context inside a host"):
+        sharding.row_feeds(mesh([0, 0, 0, 1, 1, 1], 3, 2), 0)  # host 0 holds all of row 0 and half of row 1
 
 
 def test_offload_is_refused_on_cpu_before_anything_is_written(tiny_dir, chat_data, tmp_path):

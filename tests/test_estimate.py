@@ -62,6 +62,18 @@ def test_estimate_follows_the_attention_backend(architecture_dir, tmp_path):
     assert blocked < 0.8 * xla
 
 
+def test_a_fused_kernel_keeps_memory_linear_in_the_row_length(architecture_dir, tmp_path):
+    """Splash keeps q, k, v, its output and a log-sum-exp for the backward: O(T) per layer. The estimate
+    traces a stand-in that keeps exactly that (the blocked einsum it used before kept each query block's key
+    prefix, T^2/256 keys: 6.2x the bytes for 4x the row here, and 1.8x the compiler's figure at 32k)."""
+    cfg = run_config(architecture_dir, tmp_path, tmp_path / "run", method="lora",
+                     **{"data.seq_len": 4096, "model.remat": "none"})
+    run = estimate.abstract_run(cfg, "tpu", "TPU v4")
+    assert run.model_cfg.attention == "splash"
+    short, long = (estimate.layer_residual_bytes(run, cfg, 1, t, "none")[0] for t in (4096, 16384))
+    assert long == pytest.approx(4 * short, rel=0.01)
+
+
 def test_weights_and_optimizer_state_are_counted_exactly(tiny_dir, chat_data, tmp_path):
     """The persistent parts equal the bytes of the arrays a real QLoRA run holds (NF4 codes and scales,
     float32 LoRA factors, AdamW + MultiSteps state), per device of an fsdp=4 x tensor=2 mesh."""

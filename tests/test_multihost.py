@@ -85,6 +85,19 @@ def test_two_processes_train_like_one_and_stop_together(tiny_dir, chat_data, tmp
                 assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)
     assert "process 1 of 2: training; process 0 reports" in outs[1][1] and outs[1][0] == ""
 
+    # Context parallelism over both hosts (mesh.context=8: every row split over all 8 devices): both processes
+    # are given the same rows and each puts its own devices' pieces; the losses of the same mesh in one process.
+    cfg, path = config("context", steps=6)
+    with cfg.unlocked():
+        cfg.mesh.fsdp, cfg.mesh.context, cfg.workdir = 1, -1, str(tmp_path / "context_one")
+    train(cfg)
+    codes, outs = finish(start_job(path, 2, 4, "--config.mesh.fsdp=1", "--config.mesh.context=-1"))
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    losses = lambda events: {e["step"]: e["loss"] for e in events if "loss" in e}  # noqa: E731
+    one_context, two_context = losses(metric_lines(tmp_path / "context_one")), losses(metric_lines(tmp_path / "context"))
+    assert sorted(two_context) == list(range(1, 7)), two_context
+    assert all(abs(two_context[s] / one_context[s] - 1) <= 1e-5 for s in two_context), (one_context, two_context)
+
     stopped = tmp_path / "stopped"
     procs = start_job(config("stopped")[1], 2, 4)
     wait_until(procs, lambda: (stopped / "metrics.jsonl").is_file() and len(metric_lines(stopped)) >= 4)

@@ -3,8 +3,9 @@
 The tokenization cache is keyed by the content of the data files, the tokenizer files and the format
 options, so the second run starts at once and any change to one of them re-tokenizes. Batches are
 shuffled deterministically per (seed, epoch); the state (epoch, position) is two ints that
-checkpoints save. Each process reads only its slice of every global batch (`Batches.next_step`); the
-trainer joins the slices into one global array with `jax.make_array_from_process_local_data`.
+checkpoints save. Each process reads only its slice of every global batch (`Batches.next_step`; the
+processes of a context group that spans hosts read the same slice); the trainer joins the slices into one
+global array, each process putting its own devices' pieces (`Steps.to_device`).
 """
 from __future__ import annotations
 
@@ -204,16 +205,24 @@ class Batches:
     shapes); `len(rows) < global_batch` is an error.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, *, seed: int = 0):
+    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
+                 feed: tuple[int, int] | None = None):
         self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self._feed = feed
         self.n_rows = len(rows["tokens"])
         if self.n_rows < global_batch:
             raise JaxtuneError(f"only {self.n_rows} packed rows for a global batch of {global_batch}: "
                                "use more data, a smaller batch or a shorter data.seq_len")
         self.steps_per_epoch = self.n_rows // global_batch
         self.state = {"epoch": 0, "position": 0}
-        if global_batch % jax.process_count():
-            raise JaxtuneError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
+        if global_batch % self.feed[1]:
+            raise JaxtuneError(f"global batch {global_batch} is not divisible by {self.feed[1]} processes")
+
+    @property
+    def feed(self) -> tuple[int, int]:
+        """(this process's share of each batch, shares): one per process, unless a context group spans hosts
+        (jaxtune.sharding.row_feeds): its processes are given the same rows."""
+        return self._feed or (jax.process_index(), jax.process_count())
 
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
@@ -221,8 +230,9 @@ class Batches:
     def local_indices(self, epoch: int, position: int) -> np.ndarray:
         """This process's rows of global batch `position` of `epoch`."""
         batch = self.order(epoch)[position * self.global_batch:(position + 1) * self.global_batch]
-        per_process = self.global_batch // jax.process_count()
-        return batch[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+        feed, feeds = self.feed
+        per_feed = self.global_batch // feeds
+        return batch[feed * per_feed:(feed + 1) * per_feed]
 
     def next_step(self) -> tuple[dict, int]:
         """(this process's rows of the next global batch, supervised tokens in the whole global batch).

@@ -74,7 +74,7 @@ class ModelConfig:
     attention: str = "xla"  # the resolved backend of jaxtune.attention (never "auto")
 
     def __post_init__(self):
-        if self.attention not in attention.BACKENDS or self.attention == "auto":
+        if self.attention not in (*attention.BACKENDS, *attention.STAND_INS.values()) or self.attention == "auto":
             raise ValueError(f"attention must be a resolved backend of {attention.BACKENDS[1:]}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")

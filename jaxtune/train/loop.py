@@ -105,16 +105,28 @@ class Steps:
     batch_sharding: NamedSharding
     flag_sharding: NamedSharding  # the stop flags: one per batch row
     batch_fields: tuple = ()
+    feed: tuple = (0, 1)  # (this process's feed, feeds): sharding.row_feeds
 
     def to_device(self, local: dict) -> dict:
         """This process's rows -> global arrays over the mesh (in the zigzag order of jaxtune.context when
-        the mesh splits rows over a `context` axis)."""
+        the mesh splits rows over a `context` axis); each process puts only its own devices' pieces."""
         local = context.lay_out(local, dict(self.batch_sharding.mesh.shape).get("context", 1))
-        return {name: jax.make_array_from_process_local_data(self.batch_sharding, v) for name, v in local.items()}
+        return {name: self._global(self.batch_sharding, v) for name, v in local.items()}
 
     def stop_flags(self, rows: int, signal_number: int):
         """This process's stop request (a signal number, 0 = none) on each of its `rows` batch rows."""
-        return jax.make_array_from_process_local_data(self.flag_sharding, np.full(rows, signal_number, np.int32))
+        return self._global(self.flag_sharding, np.full(rows, signal_number, np.int32))
+
+    def _global(self, sharding: NamedSharding, local: np.ndarray) -> jax.Array:
+        """The global [rows x feeds, ...] array of which `local` holds this feed's rows."""
+        feed, feeds = self.feed
+        rows = local.shape[0]
+
+        def piece(index):
+            first = (index[0].start or 0) - feed * rows
+            return local[(slice(first, first + len(range(*index[0].indices(rows * feeds)))), *index[1:])]
+
+        return jax.make_array_from_callback((rows * feeds, *local.shape[1:]), sharding, piece)
 
 
 @dataclasses.dataclass
@@ -178,7 +190,7 @@ def setup_model(cfg, model_dir: str) -> Model:
     """The mesh, the weights streamed onto it, LoRA attached, and the trainable ⟂ frozen split."""
     mesh = sharding.config_mesh(cfg.mesh)
     sharding.check_batch(cfg.train.micro_batch_size, mesh.shape)
-    sharding.check_context_within_hosts(mesh)
+    sharding.row_feeds(mesh)  # a mesh no host can feed is refused before anything loads
     est = check_fits(cfg, model_dir)
     remat = est.remat
     hf = read_hf_config(model_dir)
@@ -211,7 +223,8 @@ def setup_optimizer(cfg, model: Model, data: Data) -> Optimizer:
     its state sharded like the parameters it follows."""
     report = data.packed.train_report
     accum_steps = cfg.train.grad_accum_steps
-    batches = loader.Batches(data.packed.train, cfg.train.micro_batch_size * accum_steps, seed=cfg.seed)
+    batches = loader.Batches(data.packed.train, cfg.train.micro_batch_size * accum_steps, seed=cfg.seed,
+                             feed=sharding.row_feeds(model.mesh))
     steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * batches.steps_per_epoch))
     epochs = steps / batches.steps_per_epoch
     if cfg.train.lr == "auto":
@@ -241,6 +254,7 @@ def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
     shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
     steps = jit_steps(cfg, model.mesh, model.graphdef, opt.tx, shardings_of(model.trainable),
                       shardings_of(model.frozen), shardings_of(opt.state), tuple(opt.batches.rows))
+    steps.feed = opt.batches.feed  # this process's rows, as the loader gives them
     from jaxtune import aot
 
     print(aot.compiled_summary(cfg, steps, model.trainable, model.frozen, opt.state, model.estimate))
@@ -284,8 +298,9 @@ def restore(cfg, checkpoints: Checkpoints, model: Model, opt: Optimizer) -> Loop
 
 def evaluate(cfg, model: Model, data: Data, steps: Steps) -> float:
     """Token-weighted loss over the validation rows (capped by eval.max_batches)."""
-    rows = cfg.train.micro_batch_size // jax.process_count()
-    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)  # as the loader splits batches
+    feed, feeds = steps.feed
+    rows = cfg.train.micro_batch_size // feeds
+    mine = slice(feed * rows, (feed + 1) * rows)  # as the loader splits batches
     sums = [steps.eval_step(model.trainable, model.frozen, steps.to_device({k: v[mine] for k, v in b.items()}))
             for b in eval_batches(data.packed.val, cfg.train.micro_batch_size, cfg.eval.max_batches)]
     loss_sum, tokens = np.sum(jax.device_get(sums), axis=0)
@@ -375,14 +390,14 @@ class Loop:
         accum_steps = cfg.train.grad_accum_steps
         local, supervised = opt.batches.next_step()
         supervised_per_micro_step = jnp.float32(max(supervised, 1) / accum_steps)  # MultiSteps averages k grads
-        rows = cfg.train.micro_batch_size // jax.process_count()
+        rows = cfg.train.micro_batch_size // self.steps.feed[1]
         value = signal.Signals[signalled].value if signalled else 0
         if value not in self.flags:  # built once per value: no host-to-device copy on each step
             self.flags[value] = self.steps.stop_flags(rows, value)
         flags = self.flags[value]
         for i in range(accum_steps):
             chunk = {name: v[i * rows:(i + 1) * rows] for name, v in local.items()}
-            self.window_tokens += int((chunk["segment_ids"] > 0).sum()) * jax.process_count()
+            self.window_tokens += int((chunk["segment_ids"] > 0).sum()) * self.steps.feed[1]
             rng = jax.random.fold_in(self.base_key, self.state.step * accum_steps + i)
             model.trainable, opt.state, metrics = self.steps.train_step(
                 model.trainable, model.frozen, opt.state, self.steps.to_device(chunk), supervised_per_micro_step, rng,
