@@ -65,6 +65,16 @@ def test_data_errors_name_the_line_or_item_and_field(tmp_path, smollm2_dir):
         loader.tokenize_sources([str(items)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
 
 
+def test_a_bad_record_tokenized_by_a_worker_process_names_its_line(tmp_path, smollm2_dir):
+    """Past the first chunk, records are tokenized by other processes: their errors still name the file:line."""
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(CHAT if n != 30 else NULL_CONTENT) + "\n" for n in range(1, 41)))
+    with pytest.raises(JaxtuneError, match=rf"^{jsonl}:30: messages\[1\]\.content is null, expected a string"):
+        loader.tokenize_sources([str(jsonl)], str(smollm2_dir), FormatOptions("chat", seq_len=64),
+                                cache_dir=tmp_path / "c", chunk_records=7, workers=2)
+    assert not [p for p in (tmp_path / "c").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+
+
 def test_preflight_errors_are_one_line(tmp_path, smollm2_dir, capsys, monkeypatch):
     from jaxtune.cli import main
 
@@ -114,12 +124,12 @@ def test_tokenization_cache_is_keyed_by_content(tmp_path, smollm2_dir, monkeypat
     src = write_jsonl(tmp_path / "d.jsonl", RECORDS)
     opts = FormatOptions("completion", seq_len=64)
     first = loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
-    assert len(first) == 60 and len(list((tmp_path / "c").glob("*.npz"))) == 1
+    assert len(first) == 60 and len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 1
 
     def no_reading(_):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(loader, "load_located", no_reading)
+    monkeypatch.setattr(loader, "iter_located", no_reading)
     start = time.perf_counter()
     again = loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
     assert time.perf_counter() - start < 1.0
@@ -130,6 +140,47 @@ def test_tokenization_cache_is_keyed_by_content(tmp_path, smollm2_dir, monkeypat
     write_jsonl(src, RECORDS[:-1])
     with pytest.raises(AssertionError, match="cache miss"):
         loader.tokenize_sources([str(src)], str(smollm2_dir), opts, cache_dir=tmp_path / "c")
+
+
+def test_the_cache_built_in_chunks_is_the_whole_tokenization_and_an_interrupted_build_continues(
+        tmp_path, smollm2_dir, chat_data, monkeypatch):
+    """100 chitchat conversations in chunks of 7: the ids, labels and counters of tokenizing them all at once
+    (the in-memory path the cache replaced), in one process or three, hence the same packed batches. A build that dies after two
+    chunks leaves no cache a run would load; the next run tokenizes only the records after those chunks."""
+    from jaxtune.data.formats import Formatter
+    from jaxtune.models.hf import load_tokenizer
+
+    src = str(chat_data / "train.jsonl")
+    opts = FormatOptions("chat", seq_len=256, overlong="split")
+    whole = Formatter(load_tokenizer(str(smollm2_dir)), opts).tokenize(loader.load_records(src))
+    calls, tokenize = [], Formatter.tokenize
+
+    def dies_on_the_third_chunk(self, records, *args, **kwargs):
+        calls.append(len(records))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return tokenize(self, records, *args, **kwargs)
+
+    monkeypatch.setattr(Formatter, "tokenize", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        loader.tokenize_sources([src], str(smollm2_dir), opts, cache_dir=tmp_path / "c", chunk_records=7, workers=1)
+    assert [p.name.endswith(".partial") for p in (tmp_path / "c").iterdir() if p.is_dir()] == [True]
+    calls.clear()
+    monkeypatch.setattr(Formatter, "tokenize", lambda self, records, *a, **k: (calls.append(len(records)),
+                                                                              tokenize(self, records, *a, **k))[1])
+    built = loader.tokenize_sources([src], str(smollm2_dir), opts, cache_dir=tmp_path / "c", chunk_records=7,
+                                    workers=1)
+    assert sum(calls) == 100 - 14 and isinstance(built.ids, np.memmap)
+    for name in ("ids", "weights", "offsets"):
+        np.testing.assert_array_equal(getattr(built, name), getattr(whole, name))
+    assert built.counters() == whole.counters() and whole.split > 0
+    pooled = loader.tokenize_sources([src], str(smollm2_dir), opts, cache_dir=tmp_path / "pool", chunk_records=7,
+                                     workers=2)  # chunks 2-15 by two tokenizing processes
+    for name in ("ids", "weights", "offsets"):
+        np.testing.assert_array_equal(getattr(pooled, name), getattr(whole, name))
+    rows, again = packing.pack(built, 256), packing.pack(whole, 256)
+    for name in packing.ROW_FIELDS:
+        np.testing.assert_array_equal(rows[name], again[name])
 
 
 def test_validation_split_is_deterministic_and_disjoint():

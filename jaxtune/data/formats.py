@@ -146,6 +146,8 @@ class Formatter:
                   else f"the chat template of the tokenizer in {tokenizer.name_or_path}")
         self.template = _compile_template(self.template_source, origin) if self.template_source else None
         self.eot_ids = end_of_turn_ids(tokenizer)
+        self._is_eot = np.zeros(max(len(tokenizer), *self.eot_ids) + 1, bool)  # a lookup per token id
+        self._is_eot[list(self.eot_ids)] = True
         self.specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     def _choose_template(self) -> tuple[str | None, str, bool]:
@@ -310,29 +312,40 @@ class Formatter:
             spans.append(span)
             literals.append(literal)
         completion = self.opts.format == "completion"
-        enc = self.tok(texts, add_special_tokens=completion, return_offsets_mapping=True)
         samples, kept_as_text = [], 0
-        for ids, offsets, span, text, literal in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, literals):
+        for ids, located, span, text, literal in zip(*self._encode(texts, completion), spans, texts, literals):
             if literal:
-                ids, offsets = self._encode_keeping_text(text, literal)
+                ids, located = self._encode_keeping_text(text, literal)
                 kept_as_text += len(literal)
             ids = np.asarray(ids, np.int32)
             if completion:  # documents end with EOS, which is supervised so the model learns to stop
                 ids = np.append(ids, np.int32(self.tok.eos_token_id))
-                offsets = list(offsets) + [(len(ids), len(ids))]
-            starts = np.fromiter((o[0] for o in offsets), np.int64, len(offsets))
             if span is None:
                 weights = np.ones(len(ids), np.uint8)
                 if completion and self.tok.bos_token_id is not None and len(ids) and ids[0] == self.tok.bos_token_id:
                     weights[0] = 0  # BOS is given, never predicted
-            else:
+            else:  # the tokens that start inside an assistant span
                 weights = np.zeros(len(ids), np.uint8)
+                first_at = _first_token_at(located, len(text), len(ids))
                 for lo, hi in span:
-                    weights[(starts >= lo) & (starts < hi)] = 1
+                    weights[first_at(lo):first_at(hi)] = 1
             samples.append((ids, weights))
         data = self._assemble(samples, turns=[None if span is None else len(span) for span in spans])
         data.special_text_kept = kept_as_text
         return data
+
+    def _encode(self, texts: list[str], add_special_tokens: bool) -> tuple[list, list]:
+        """Token ids of each text, and where its tokens start (character offsets, or the Rust Encoding to ask):
+        one parallel `encode_batch` of the Rust tokenizer. transformers' own call converts every encoding's
+        offsets to Python tuples (as long as the encoding itself took); the Encoding answers the two
+        characters of each assistant span instead."""
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer
+            enc = self.tok(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+        backend.encode_special_tokens = False  # special-token text is the token (transformers leaves this set)
+        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings], encodings
 
     def _assemble(self, samples, turns) -> Tokenized:
         """Check end-of-turn labels (turns[n]: assistant turns of sample n, None = unchecked), apply
@@ -358,7 +371,7 @@ class Formatter:
     def _unlabelled_turn_ends(self, ids, weights, assistant_turns: int) -> int:
         """Assistant turns whose end-of-turn token is not a target. Each supervised run of tokens is
         one assistant turn; its end-of-turn token is the first one at or after the run's start."""
-        is_eot = np.isin(ids, list(self.eot_ids))
+        is_eot = self._is_eot[ids]
         starts = np.flatnonzero(np.diff(np.concatenate([[0], weights.astype(np.int8)])) == 1)
         missing = max(assistant_turns - len(starts), 0)  # turns with no supervised token at all
         for s in starts:
@@ -366,6 +379,22 @@ class Formatter:
             if not len(eots) or not weights[s + eots[0]]:
                 missing += 1
         return missing
+
+
+def _first_token_at(located, text_length: int, n_tokens: int):
+    """first_at(c): the index of the first token that starts at or after character c (n_tokens if none), from
+    a Rust Encoding (one lookup per character asked) or a list of (start, end) offsets."""
+    if isinstance(located, list):
+        starts = np.array(located, np.int64).reshape(-1, 2)[:, 0]
+        return lambda c: int(np.argmax(starts >= c)) if (starts >= c).any() else n_tokens
+
+    def first_at(c: int) -> int:
+        t = located.char_to_token(c) if c < text_length else None
+        if t is None:  # past the text, or a character no token covers: ask every token
+            return _first_token_at(located.offsets, text_length, n_tokens)(c) if c < text_length else n_tokens
+        return t if located.token_to_chars(t)[0] >= c else t + 1
+
+    return first_at
 
 
 def _field(record: dict, name: str, where: str):

@@ -11,42 +11,47 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
 
-from jaxtune.atomic import write_file
+from jaxtune import distributed
 from jaxtune.cache import cache_dir as default_cache_dir
-from jaxtune.data import packing, records
+from jaxtune.data import packing, records, token_cache
 from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
 from jaxtune.data.preflight import DataReport
 from jaxtune.errors import JaxtuneError
 
-CACHE_VERSION = 3  # 2: chat spans must follow the assistant header (a short turn could match earlier text);
-# 3: special-token text inside message content is plain text; a tokenizer without a template gets adapted ChatML
+CACHE_VERSION = 4  # 2: chat spans must follow the assistant header (a short turn could match earlier text);
+# 3: special-token text inside message content is plain text; a tokenizer without a template gets adapted ChatML;
+# 4: a directory of flat arrays, built chunk by chunk (jaxtune.data.token_cache)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_records(source: str) -> list[dict]:
     """Local .jsonl/.json/.csv/.parquet, `tfds:NAME[:split]`, or a hub dataset name (online)."""
-    return load_located(source)[0]
+    return [record for _, record in iter_located(source)]
 
 
-def load_located(source: str) -> tuple[list[dict], list[str] | None]:
-    """Records and, for JSONL/JSON files, where each one is (file:line, or item, 1-based), so that data errors
-    point into the file; None for other sources, whose errors count records from 1."""
+def iter_located(source: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) pairs of a source, read as they are used (a JSONL file line by line, csv/parquet/hub
+    through Arrow's memory map, tfds example by example). `where` names the file:line or item of a JSON/JSONL
+    record, so that data errors point into the file, else "SOURCE record N" (1-based)."""
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json") and path.is_file():  # file:line errors for hand-made data
         hint = f"or run `jaxtune prepare {path} --skip-bad-rows --out CLEAN.jsonl` to write a copy without them"
-        located = list(records.read_located(path, skip_hint=hint))
-        return [record for _, record in located], [where for where, _ in located]
-    return _other_records(source), None
+        yield from records.read_located(path, skip_hint=hint)
+        return
+    for n, record in enumerate(_other_records(source), 1):
+        yield f"{source} record {n}", record
 
 
-def _other_records(source: str) -> list[dict]:
+def _other_records(source: str) -> Iterable[dict]:
     if source.startswith("tfds:"):
         return _tfds_records(source[5:])
     path = Path(source).expanduser()
@@ -55,16 +60,16 @@ def _other_records(source: str) -> list[dict]:
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
             raise JaxtuneError(f"{path}: no such data file")
-        return list(datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train"))
+        return datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
     name, _, split = source.partition(":")
     try:
-        return list(datasets.load_dataset(name, split=split or "train"))
+        return datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # offline or unknown name
         raise JaxtuneError(f"{source}: not a local data file ({', '.join(LOCAL_SUFFIXES)}) and not loadable "
                            f"from the hub ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _tfds_records(spec: str) -> list[dict]:
+def _tfds_records(spec: str) -> Iterator[dict]:
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -77,7 +82,7 @@ def _tfds_records(spec: str) -> list[dict]:
         value = value.decode() if isinstance(value, bytes) else value
         return value.tolist() if isinstance(value, np.ndarray) else value
 
-    return [{k: plain(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+    return ({k: plain(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds))
 
 
 def _fingerprint(sources: list[str], tokenizer_dir: str | None, opts: FormatOptions) -> str:
@@ -96,39 +101,69 @@ def _fingerprint(sources: list[str], tokenizer_dir: str | None, opts: FormatOpti
     return h.hexdigest()[:24]
 
 
-def _concat(parts: list[Tokenized]) -> Tokenized:
-    offsets = [np.zeros(1, np.int64)]
-    total = 0
-    for p in parts:
-        offsets.append(p.offsets[1:] + total)
-        total += p.offsets[-1]
-    return Tokenized(np.concatenate([p.ids for p in parts]), np.concatenate([p.weights for p in parts]),
-                     np.concatenate(offsets), **{f: sum(getattr(p, f) for p in parts) for f in Tokenized.COUNTERS})
+CHUNK_RECORDS = 4096  # records tokenized at a time: what the build holds in memory, whatever the data's size
 
 
-def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions, *,
-                     cache_dir: Path | None = None) -> Tokenized:
-    """Tokenize every record of `sources` through an on-disk cache.
+def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, cache_dir: Path | None = None,
+                     chunk_records: int = CHUNK_RECORDS, workers: int | None = None, progress: bool = True) -> Tokenized:
+    """Every record of `sources`, tokenized, through an on-disk cache (jaxtune.data.token_cache) that is
+    built chunk by chunk and then memory-mapped, so memory does not grow with the data; a build that was
+    interrupted continues where it stopped. Each chunk's chat templates are rendered once per conversation
+    and its texts encoded by one batch call into the Rust tokenizer; past the first chunk, `workers`
+    processes (default: one per two cores; on 2 cores this process alone was fastest) tokenize the chunks
+    (jaxtune.data.tokenize_worker)."""
+    path = Path(cache_dir or default_cache_dir() / "tokenized") / _fingerprint(sources, tokenizer_dir, opts)
+    with token_cache.building(path) as builder:
+        if builder is not None:
+            located = itertools.islice(itertools.chain.from_iterable(map(iter_located, sources)),
+                                       builder.records_done, None)
+            chunks = iter(lambda: list(itertools.islice(located, chunk_records)), [])
+            with _progress(sources, builder, progress) as bar:
+                for chunk, tokenized in _tokenized(chunks, tokenizer_dir, opts, workers):
+                    builder.append(tokenized, len(chunk))
+                    bar.update(len(chunk))
+                    seconds = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"{builder.meta['tokens'] / seconds:,.0f} tokens/s", refresh=False)
+            builder.finish()
+    return token_cache.load(path)
 
-    Tokenization is one batch call per source into the Rust tokenizer, which encodes in parallel on
-    all cores; chat templates are rendered once per conversation (see Formatter.chat_spans), so no
-    Python process pool is needed (and none can deadlock on JAX's threads after a fork)."""
-    cache = Path(cache_dir or default_cache_dir() / "tokenized") / f"{_fingerprint(sources, tokenizer_dir, opts)}.npz"
-    if cache.is_file():
-        z = np.load(cache)
-        return Tokenized(z["ids"], z["weights"], z["offsets"], **{f: int(z[f]) for f in Tokenized.COUNTERS})
+
+def _tokenized(chunks: Iterator[list], tokenizer_dir: str, opts: FormatOptions, workers: int | None):
+    """(chunk, Tokenized) in order: the first chunk here (small data needs no process), the rest by the
+    worker processes."""
+    from jaxtune.data import tokenize_worker
     from jaxtune.models.hf import load_tokenizer
 
+    first = next(chunks, None)
+    if first is None:
+        return
     formatter = Formatter(load_tokenizer(tokenizer_dir), opts)
-    parts = []
+    wheres, records = zip(*first)
+    yield first, formatter.tokenize(list(records), wheres=list(wheres))
+    workers = workers or max(1, len(os.sched_getaffinity(0)) // 2)  # the Rust tokenizer keeps ~2 cores busy
+    if workers == 1:
+        for chunk in chunks:
+            wheres, records = zip(*chunk)
+            yield chunk, formatter.tokenize(list(records), wheres=list(wheres))
+        return
+    yield from tokenize_worker.tokenized(chunks, tokenizer_dir, opts, workers)
+
+
+def _progress(sources: list[str], builder, enabled: bool):
+    """A bar over the records being tokenized: records/s, tokens/s, and an ETA where the count is known
+    (JSONL files: their lines, counted at disk speed)."""
+    from tqdm import tqdm
+
+    total = 0
     for src in sources:
-        located, wheres = load_located(src)
-        parts.append(formatter.tokenize(located, src, wheres))
-    data = _concat(parts) if parts else Tokenized.from_samples([])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_file(cache, lambda f: np.savez(f, ids=data.ids, weights=data.weights, offsets=data.offsets,
-                                         **data.counters()), binary=True)
-    return data
+        path = Path(src).expanduser()
+        if path.suffix != ".jsonl" or not path.is_file():
+            total = None
+            break
+        with open(path, "rb") as f:
+            total += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
+    return tqdm(total=total, initial=builder.records_done, unit=" records", desc="tokenizing", smoothing=0.1,
+                disable=not (enabled and distributed.is_main()), mininterval=1.0, delay=2)
 
 
 def split_validation(data: Tokenized, fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
@@ -164,12 +199,13 @@ def overlap(train, val) -> int:
 
 
 def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, val_sources: list[str] = (),
-          val_fraction: float = 0.0, seed: int = 0, cache_dir: Path | None = None) -> PackedData:
-    """Tokenize (cached), hold out validation (separate files, or a fraction), pack, report."""
+          val_fraction: float = 0.0, seed: int = 0, cache_dir: Path | None = None, progress: bool = True) -> PackedData:
+    """Tokenize (cached; a progress bar while it runs), hold out validation (separate files, or a fraction),
+    pack, report."""
     template = chat_template(tokenizer_dir, opts)
-    train = tokenize_sources(list(train_sources), tokenizer_dir, opts, cache_dir=cache_dir)
+    train = tokenize_sources(list(train_sources), tokenizer_dir, opts, cache_dir=cache_dir, progress=progress)
     if val_sources:
-        val = tokenize_sources(list(val_sources), tokenizer_dir, opts, cache_dir=cache_dir)
+        val = tokenize_sources(list(val_sources), tokenizer_dir, opts, cache_dir=cache_dir, progress=progress)
         shared = overlap(train, val)
         if shared:
             print(f"warning: {shared} of {len(val.offsets) - 1} validation samples ({', '.join(val_sources)}) are "

@@ -76,17 +76,44 @@ def json_rows(path: Path, text: str) -> Iterator[tuple[str, dict | BadRow]]:
 def jsonl_rows(path: Path, text: str) -> Iterator[tuple[str, dict | BadRow]]:
     """One object a line; blank lines are skipped."""
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold \u2028
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, BadRow("malformed JSON", f"{where}: malformed JSON ({e.msg}, column {e.colno}): "
-                                                  f"{line.strip()[:200]}; fix or remove the line")
-            continue
-        yield where, item if isinstance(item, dict) else BadRow(
-            "not an object", f"{where}: expected an object, got {line.strip()[:200]}; fix or remove the line")
+        if line.strip():
+            yield jsonl_row(path, n, line)
+
+
+def jsonl_row(path: Path, n: int, line: str) -> tuple[str, dict | BadRow]:
+    """Line `n` of a JSONL file, not blank."""
+    where = f"{path}:{n}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        return where, BadRow("malformed JSON", f"{where}: malformed JSON ({e.msg}, column {e.colno}): "
+                                               f"{line.strip()[:200]}; fix or remove the line")
+    return where, item if isinstance(item, dict) else BadRow(
+        "not an object", f"{where}: expected an object, got {line.strip()[:200]}; fix or remove the line")
+
+
+def streamed_jsonl_rows(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
+    """`jsonl_rows` of a file read line by line (memory does not grow with the file), with read_text's errors."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise JaxtuneError(f"cannot read {path}: {e.strerror}; check the path") from None
+    with f:
+        offset, blank = 0, True
+        for n, raw in enumerate(f, 1):  # binary lines end at b"\n" only, as str.split("\n") did
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JaxtuneError(f"{path} is not valid UTF-8: byte {raw[e.start]:#04x} at offset {offset + e.start} "
+                                   f"(line {n}); re-encode it, e.g. iconv -f latin1 -t utf-8 {path} > "
+                                   f"{path.stem}.utf8{path.suffix}") from None
+            offset += len(raw)
+            line = line.removeprefix("\ufeff") if n == 1 else line
+            if line.strip():
+                blank = False
+                yield jsonl_row(path, n, line.rstrip("\n"))
+    if blank:
+        raise JaxtuneError(f"{path} is empty; check the export that wrote it, or leave it out")
 
 
 JSON_READERS = {".json": json_rows, ".jsonl": jsonl_rows}
@@ -118,6 +145,8 @@ def read_located(path: str | Path, *, skip_hint: str) -> Iterator[tuple[str, dic
     """(where, record) pairs of a .json or .jsonl file, `where` naming its file:line (1-based) or item;
     a bad row raises with `skip_hint`, an empty one is skipped."""
     path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        return usable(streamed_jsonl_rows(path), skip_hint=skip_hint, tally=Tally())
     reader = JSON_READERS.get(path.suffix.lower())
     if reader is None:
         raise JaxtuneError(f"{path}: not a JSON or JSONL file ({', '.join(JSON_READERS)})")

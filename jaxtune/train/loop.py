@@ -160,7 +160,7 @@ def setup_data(cfg) -> Data:
     tokenizer = load_tokenizer(model_dir)
     opts = FormatOptions.from_config(cfg)
     packed = loader.build(split_list(cfg.data.train), model_dir, opts, val_sources=split_list(cfg.data.val),
-                          val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+                          val_fraction=cfg.data.val_fraction, seed=cfg.seed, progress=cfg.log.progress)
     print(f"train data:\n{packed.train_report.text()}")
     if packed.val_report is not None:
         print(f"validation data:\n{packed.val_report.text()}")
