@@ -2,6 +2,7 @@
 memory figures, and print each run's estimate / compiler ratio before and after.
 
     python bench/calibrate.py --platform tpu configs/*.py --topology v4-8 --topology v4-32 ...
+    python bench/calibrate.py --platform tpu --figures bench/tpu_figures.json   # the figures of the docs' tables
 
 Each (config, topology) is compiled by `jaxtune compile`'s code (answered from its cache when the table
 was made before: lowering only). The estimate is linear in each constant within its two phases
@@ -80,8 +81,10 @@ def fit(rows: list) -> tuple[dict, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="+")
-    parser.add_argument("--topology", action="append", required=True)
+    parser.add_argument("configs", nargs="*")
+    parser.add_argument("--topology", action="append", default=[])
+    parser.add_argument("--figures", help="a JSON list of compiler figures to fit to without compiling "
+                                          "(bench/tpu_figures.json: docs/tpu.md's and docs/long-context.md's)")
     parser.add_argument("--platform", default="tpu")
     parser.add_argument("--json", help="write the decomposed rows here")
     args = parser.parse_args()
@@ -93,14 +96,20 @@ def main():
 
     built, abstract_run = {}, est.abstract_run
 
-    def remembered(cfg, platform=None, device_kind=None):  # the same model for every constant
-        key = (cfg.to_json_best_effort(sort_keys=True), platform, device_kind)
+    def remembered(cfg, platform=None, device_kind=None, context=1):  # the same model for every constant
+        key = (cfg.to_json_best_effort(sort_keys=True), platform, device_kind, context)
         if key not in built:
-            built[key] = abstract_run(cfg, platform, device_kind)
+            built[key] = abstract_run(cfg, platform, device_kind, context)
         return built[key]
 
     est.abstract_run = remembered
     rows, names = [], []
+    for figure in json.loads(open(args.figures).read()) if args.figures else []:  # compiler figures already known
+        overrides = [f"--config.{k}={v}" for k, v in figure["overrides"].items()]
+        cfg = config.load(figure["config"], overrides + [f"--config.model.remat={figure['remat']}"])
+        rows.append((decompose(cfg, aot.target(figure["topology"]), args.platform), figure["compiler_gib"] * 2**30))
+        names.append(f"{figure['config'].split('/')[-1].removesuffix('.py')} on {figure['topology']} "
+                     f"{' '.join(overrides)} (remat {figure['remat']})")
     for path in args.configs:
         cfg = config.load(path, [])
         for name in args.topology:

@@ -60,7 +60,8 @@ CALIBRATIONS = {
     "cpu": Calibration("XLA:CPU", residuals_kept=0.82, logit_copies=2, layer_cotangents=0.55, blocked_score_copies=1.5),
     # fitted by bench/calibrate.py on libtpu 0.0.42.1's compiles: the 7 presets on v2-8 ... v6e-8 (37 that
     # compile, batch-raised rows included) and the long-context rows of docs/long-context.md (128k and
-    # 512k with mesh.context, 32k without): estimate / compiler 0.92-1.12. XLA:TPU keeps every layer
+    # 512k with mesh.context, 32k without; `python bench/calibrate.py --figures bench/tpu_figures.json`):
+    # estimate / compiler 0.92-1.12. XLA:TPU keeps every layer
     # input, dequantizes a QLoRA layer's kernels together in float32, holds a layer's weights gathered
     # over fsdp while it runs, and its splash kernels hold no scores.
     "tpu": Calibration("XLA:TPU", residuals_kept=1.05, logit_copies=2, layer_cotangents=0.45, blocked_score_copies=0,
