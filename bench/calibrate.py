@@ -13,7 +13,6 @@ underestimates (which say a run fits when it does not) counted 1.5x.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import sys
