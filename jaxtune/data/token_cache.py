@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -86,10 +85,7 @@ class Builder:
         """The cache complete: renamed to its final name, where `load` finds it."""
         for f in self.files.values():
             f.close()
-        if self.path.exists():  # another process finished the same build first
-            shutil.rmtree(self.partial)
-        else:
-            os.replace(self.partial, self.path)
+        os.replace(self.partial, self.path)  # under `building`'s lock: no other process builds it meanwhile
 
 
 @contextlib.contextmanager
