@@ -32,7 +32,8 @@ def main():
     size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     print(f"model fingerprint ({size / 1e6:.0f} MB of safetensors): "
           f"{timed(lambda: model_fingerprint(model_dir), 5) * 1e3:.1f} ms")
-    print(f"data fingerprint ({sum(v.nbytes for v in rows.values()) / 1e6:.1f} MB of packed rows): "
+    print(f"data fingerprint ({(rows.data.base if hasattr(rows.data, 'base') else rows.data).ids.nbytes * 5 / 4e6:.1f} MB "
+          f"of tokens and weights, {len(rows)} packed rows): "
           f"{timed(lambda: data_fingerprint(rows), 5) * 1e3:.1f} ms")
     print(f"checksums of trainable + optimizer state ({saved / 1e6:.1f} MB): "
           f"{timed(lambda: checksums((trainable, opt_state)), 5) * 1e3:.1f} ms")

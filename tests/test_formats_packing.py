@@ -232,6 +232,11 @@ def test_weights_are_exactly_assistant_turns_plus_end_of_turn(tokenizer, turns):
     # and the fast span finder agrees with rendering every prefix
     f = Formatter(tokenizer, FormatOptions("chat"))
     assert f.chat_spans(messages)[1] == f._chat_spans_by_prefix(messages)
+    # tokens located from the bytes each stands for (no offsets) as by the Rust tokenizer's character offsets
+    f._token_bytes = None
+    by_offsets = f.tokenize([{"messages": messages}])
+    assert f._token_bytes is None and len(data.ids) == len(by_offsets.ids)
+    np.testing.assert_array_equal(data.weights, by_offsets.weights)
 
 
 def test_best_fit_decreasing_is_tight():

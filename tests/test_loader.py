@@ -183,6 +183,44 @@ def test_the_cache_built_in_chunks_is_the_whole_tokenization_and_an_interrupted_
         np.testing.assert_array_equal(rows[name], again[name])
 
 
+def test_batches_built_per_step_from_the_memory_map_are_those_of_the_rows_packed_in_memory(
+        tmp_path, smollm2_dir, chat_data):
+    """The training path (a packing plan over the memory-mapped cache, validation held out by sample numbers,
+    each step's rows built when asked) against the one it replaced (every sample copied, every row built
+    before training): the same report, the same batches and supervised counts, the same validation rows."""
+    from jaxtune.data.formats import Formatter
+    from jaxtune.data.preflight import DataReport
+    from jaxtune.models.hf import load_tokenizer
+
+    src = str(chat_data / "train.jsonl")
+    opts = FormatOptions("chat", seq_len=256, overlong="split")
+    whole = Formatter(load_tokenizer(str(smollm2_dir)), opts).tokenize(loader.load_records(src))
+    packed = loader.build([src], str(smollm2_dir), opts, val_fraction=0.1, seed=5, cache_dir=tmp_path, progress=False)
+    assert isinstance(packed.train.data.base.ids, np.memmap) and len(packed.train) > 8
+    order = np.random.default_rng(5).permutation(len(whole))
+    n_val = round(len(whole) * 0.1)
+    copied = [Tokenized.from_samples([whole.sample(i) for i in np.sort(part)], **counters)
+              for part, counters in ((order[n_val:], whole.counters()), (order[:n_val], {}))]
+    dense = [packing.pack(part, 256) for part in copied]
+    assert packed.train_report == DataReport.build(copied[0], dense[0], 256)
+    assert packed.val_report == DataReport.build(copied[1], dense[1], 256)
+    planned, in_memory = loader.Batches(packed.train, 4, seed=1), loader.Batches(dense[0], 4, seed=1)
+    for _ in range(len(packed.train) // 4 + 2):  # into the second epoch
+        (rows, supervised), (expected, expected_supervised) = planned.next_step(), in_memory.next_step()
+        assert supervised == expected_supervised
+        for name in packing.ROW_FIELDS:
+            np.testing.assert_array_equal(rows[name], expected[name])
+    for got, expected in zip(loop_eval_batches(packed.val), loop_eval_batches(dense[1])):
+        for name in packing.ROW_FIELDS:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+def loop_eval_batches(rows):
+    from jaxtune.train.loop import eval_batches
+
+    return list(eval_batches(rows, 4, 0))
+
+
 def test_validation_split_is_deterministic_and_disjoint():
     lengths = np.arange(1, 21)
     data = Tokenized(np.arange(lengths.sum(), dtype=np.int32), np.ones(lengths.sum(), np.uint8),

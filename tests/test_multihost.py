@@ -28,6 +28,47 @@ def test_two_hosts_feed_one_global_batch():
     assert a["sum"] == b["sum"] == a["expected"]
 
 
+def test_two_hosts_tokenize_half_each_and_read_the_batches_of_one(smollm2_dir, chat_data, tmp_path):
+    """Two processes as the hosts of a pod, each with its own cache directory: each tokenizes about half of
+    the 100 conversations (chunks of 7, alternately), both end with the cache one process builds, byte for
+    byte, hence the same global batches."""
+    import hashlib
+
+    import numpy as np
+
+    from jaxtune.data import loader
+    from jaxtune.data.formats import FormatOptions
+
+    src = str(chat_data / "train.jsonl")
+    port = str(free_port())
+    env = without_compilation_cache({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                                     "JAX_PLATFORMS": "cpu"})
+    worker = Path(__file__).with_name("multihost_data_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, src, str(tmp_path / f"host{i}"),
+                               str(smollm2_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    a, b = sorted(outs, key=lambda o: o["process"])
+    assert (a["records_tokenized"], b["records_tokenized"]) == (7 * 7 + 2, 7 * 7)  # chunks 0, 2, .., 14 and 1, .., 13
+    opts = FormatOptions("chat", seq_len=256, overlong="split")
+    one = loader.tokenize_sources([src], str(smollm2_dir), opts, cache_dir=tmp_path / "one", progress=False)
+    assert a["cache"] == b["cache"] == hashlib.sha256(np.asarray(one.ids).tobytes() + np.asarray(one.weights).tobytes()
+                                                      + one.offsets.tobytes()).hexdigest()
+    assert a["counters"] == b["counters"] == one.counters()
+    packed = loader.build([src], str(smollm2_dir), opts, val_fraction=0.1, seed=5, cache_dir=tmp_path / "one",
+                          progress=False)
+    order = loader.Batches(packed.train, 4, seed=1).order(0)
+    expected = []
+    for step in range(3):
+        rows = packed.train.take(order[step * 4:(step + 1) * 4])
+        expected.append(hashlib.sha256(b"".join(rows[k].tobytes() for k in sorted(rows))).hexdigest())
+    assert a["batches"] == b["batches"] == expected
+
+
 def start_job(config_file, processes: int, devices_per_process: int, *extra):
     """`jaxtune train` as a job of `processes` local processes (gloo on 127.0.0.1), each with its own
     CPU devices, as the hosts of a pod run it; returns the Popen objects, process 0 first."""

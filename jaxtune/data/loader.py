@@ -22,8 +22,8 @@ import numpy as np
 
 from jaxtune import distributed
 from jaxtune.cache import cache_dir as default_cache_dir
-from jaxtune.data import packing, records, token_cache
-from jaxtune.data.formats import Formatter, FormatOptions, Tokenized
+from jaxtune.data import packing, pod, records, token_cache
+from jaxtune.data.formats import Formatter, FormatOptions, Selection, Tokenized
 from jaxtune.data.preflight import DataReport
 from jaxtune.errors import JaxtuneError
 
@@ -113,17 +113,26 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
     processes (default: one per two cores; on 2 cores this process alone was fastest) tokenize the chunks
     (jaxtune.data.tokenize_worker)."""
     path = Path(cache_dir or default_cache_dir() / "tokenized") / _fingerprint(sources, tokenizer_dir, opts)
+
+    def located(skip: int) -> Iterator[tuple[str, dict]]:
+        return itertools.islice(itertools.chain.from_iterable(map(iter_located, sources)), skip, None)
+
+    def tokenize(chunks: Iterator[list]):
+        return _tokenized(chunks, tokenizer_dir, opts, workers)
+
+    def bar(done: int):
+        return _progress(sources, done, progress)
+
+    if jax.distributed.is_initialized() and jax.process_count() > 1:  # the hosts of a pod: each does 1/N
+        pod.build(path, located, tokenize, chunk_records, bar)
+        return token_cache.load(path)
     with token_cache.building(path) as builder:
         if builder is not None:
-            located = itertools.islice(itertools.chain.from_iterable(map(iter_located, sources)),
-                                       builder.records_done, None)
-            chunks = iter(lambda: list(itertools.islice(located, chunk_records)), [])
-            with _progress(sources, builder, progress) as bar:
-                for chunk, tokenized in _tokenized(chunks, tokenizer_dir, opts, workers):
+            stream = located(builder.records_done)
+            with bar(builder.records_done) as progress_bar:
+                for chunk, tokenized in tokenize(iter(lambda: list(itertools.islice(stream, chunk_records)), [])):
                     builder.append(tokenized, len(chunk))
-                    bar.update(len(chunk))
-                    seconds = bar.format_dict["elapsed"] or 1e-9
-                    bar.set_postfix_str(f"{builder.meta['tokens'] / seconds:,.0f} tokens/s", refresh=False)
+                    progress_bar.advance(len(chunk), len(tokenized.ids))
             builder.finish()
     return token_cache.load(path)
 
@@ -149,10 +158,18 @@ def _tokenized(chunks: Iterator[list], tokenizer_dir: str, opts: FormatOptions, 
     yield from tokenize_worker.tokenized(chunks, tokenizer_dir, opts, workers)
 
 
-def _progress(sources: list[str], builder, enabled: bool):
-    """A bar over the records being tokenized: records/s, tokens/s, and an ETA where the count is known
-    (JSONL files: their lines, counted at disk speed)."""
+def _progress(sources: list[str], done: int, enabled: bool):
+    """A bar over the records being tokenized (`done` already): records/s, tokens/s, and an ETA where the
+    count is known (JSONL files: their lines, counted at disk speed). `advance(records, tokens)` moves it."""
     from tqdm import tqdm
+
+    class Bar(tqdm):
+        tokens = 0
+
+        def advance(self, records: int, tokens: int):
+            self.tokens += tokens
+            self.update(records)
+            self.set_postfix_str(f"{self.tokens / max(self.format_dict['elapsed'], 1e-9):,.0f} tokens/s", refresh=False)
 
     total = 0
     for src in sources:
@@ -162,12 +179,13 @@ def _progress(sources: list[str], builder, enabled: bool):
             break
         with open(path, "rb") as f:
             total += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
-    return tqdm(total=total, initial=builder.records_done, unit=" records", desc="tokenizing", smoothing=0.1,
-                disable=not (enabled and distributed.is_main()), mininterval=1.0, delay=2)
+    return Bar(total=total, initial=done, unit=" records", desc="tokenizing", smoothing=0.1,
+               disable=not (enabled and distributed.is_main()), mininterval=1.0, delay=2)
 
 
-def split_validation(data: Tokenized, fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
-    """Hold out a deterministic `fraction` of samples (at least one) for validation.
+def split_validation(data: Tokenized, fraction: float, seed: int) -> tuple[Selection, Selection]:
+    """Hold out a deterministic `fraction` of samples (at least one) for validation: two selections of
+    sample numbers over the same (memory-mapped) arrays, no token copied.
 
     The training part keeps the source's counters (truncated, unlabelled turn ends, ...): they
     describe the data as a whole, and the preflight check must see them."""
@@ -176,26 +194,29 @@ def split_validation(data: Tokenized, fraction: float, seed: int) -> tuple[Token
     if n_val >= n:
         raise JaxtuneError(f"data.val_fraction={fraction} leaves no training samples out of {n}")
     order = np.random.default_rng(seed).permutation(n)
-    train = Tokenized.from_samples([data.sample(i) for i in np.sort(order[n_val:])], **data.counters())
-    return train, Tokenized.from_samples([data.sample(i) for i in np.sort(order[:n_val])])
+    return data.select(np.sort(order[n_val:]), **data.counters()), data.select(np.sort(order[:n_val]))
 
 
 @dataclasses.dataclass
 class PackedData:
     """What a run trains and evaluates on, with the reports shown before it starts."""
 
-    train: dict[str, np.ndarray]
-    val: dict[str, np.ndarray] | None
+    train: packing.Packed
+    val: packing.Packed | None
     train_report: DataReport
     val_report: DataReport | None
-    train_tokenized: Tokenized
+    train_tokenized: Tokenized | Selection
     chat_template: str | None = None  # the Jinja source the records were rendered with (None: no template)
 
 
 def overlap(train, val) -> int:
-    """Validation samples that are also training samples, token for token."""
-    seen = {train.ids[a:b].tobytes() for a, b in zip(train.offsets[:-1], train.offsets[1:])}
-    return sum(val.ids[a:b].tobytes() in seen for a, b in zip(val.offsets[:-1], val.offsets[1:]))
+    """Validation samples that are also training samples, token for token (compared by digest: a set of
+    16-byte digests, not of the training tokens)."""
+    def digests(data):
+        return (hashlib.blake2b(data.sample(i)[0].tobytes(), digest_size=16).digest() for i in range(len(data)))
+
+    seen = set(digests(train))
+    return sum(d in seen for d in digests(val))
 
 
 def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, val_sources: list[str] = (),
@@ -215,8 +236,8 @@ def build(train_sources: list[str], tokenizer_dir: str, opts: FormatOptions, *, 
         train, val = split_validation(train, val_fraction, seed)
     else:
         val = None
-    train_rows = packing.pack(train, opts.seq_len)
-    val_rows = packing.pack(val, opts.seq_len) if val is not None else None
+    train_rows = packing.Packed(train, opts.seq_len)
+    val_rows = packing.Packed(val, opts.seq_len) if val is not None else None
     return PackedData(train_rows, val_rows, DataReport.build(train, train_rows, opts.seq_len),
                       DataReport.build(val, val_rows, opts.seq_len) if val is not None else None, train, template)
 
@@ -241,11 +262,11 @@ class Batches:
     shapes); `len(rows) < global_batch` is an error.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
+    def __init__(self, rows: packing.Packed | dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
                  feed: tuple[int, int] | None = None):
-        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.rows, self.global_batch, self.seed = packing.as_rows(rows), global_batch, seed
         self._feed = feed
-        self.n_rows = len(rows["tokens"])
+        self.n_rows = len(self.rows)
         if self.n_rows < global_batch:
             raise JaxtuneError(f"only {self.n_rows} packed rows for a global batch of {global_batch}: "
                                "use more data, a smaller batch or a shorter data.seq_len")
@@ -273,14 +294,15 @@ class Batches:
     def next_step(self) -> tuple[dict, int]:
         """(this process's rows of the next global batch, supervised tokens in the whole global batch).
 
-        Every process holds all packed rows, so the global count needs no communication; the loss
-        divides by it, which makes accumulation over uneven micro-batches exact."""
+        Every process knows the targets of every row (the packing plan), so the global count needs no
+        communication; the loss divides by it, which makes accumulation over uneven micro-batches exact.
+        Only this process's rows are built (from the memory-mapped cache)."""
         epoch, position = self.state["epoch"], self.state["position"]
         global_rows = self.order(epoch)[position * self.global_batch:(position + 1) * self.global_batch]
-        supervised = int(self.rows["weights"][global_rows].sum())
+        supervised = int(self.rows.targets_per_row[global_rows].sum())
         idx = self.local_indices(epoch, position)
         position += 1
         if position == self.steps_per_epoch:
             epoch, position = epoch + 1, 0
         self.state = {"epoch": epoch, "position": position}
-        return {k: v[idx] for k, v in self.rows.items()}, supervised
+        return self.rows.take(idx), supervised

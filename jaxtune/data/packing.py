@@ -7,10 +7,11 @@ by segment in the model) and loss never cross a boundary. Shapes are static: one
 from __future__ import annotations
 
 import bisect
+import hashlib
 
 import numpy as np
 
-from jaxtune.data.formats import Tokenized
+from jaxtune.data.formats import Selection, Tokenized
 
 ROW_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")
 
@@ -36,30 +37,85 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+class Packed:
+    """Packed rows as a plan: which samples each row holds, over the tokenized samples (memory-mapped from
+    the cache). `take` builds the rows a step asks for, so a run holds one batch of rows, not the data set's
+    (dense rows cost 20 bytes per token slot)."""
+
+    def __init__(self, data: Tokenized | Selection, seq_len: int):
+        lengths = data.lengths
+        if len(lengths) and lengths.max() > seq_len:
+            raise ValueError(f"a sample of {lengths.max()} tokens exceeds seq_len={seq_len}; apply the overlong policy first")
+        bins = best_fit_decreasing(lengths, seq_len)
+        self.data, self.seq_len = data, seq_len
+        self.members = np.fromiter((i for members in bins for i in members), np.int64, len(lengths))
+        self.row_offsets = np.zeros(len(bins) + 1, np.int64)
+        np.cumsum([len(members) for members in bins], out=self.row_offsets[1:])
+        self.tokens = int(lengths.sum())
+        self.targets_per_row = (np.add.reduceat(data.target_counts[self.members], self.row_offsets[:-1])
+                                if len(bins) else np.zeros(0, np.int64))
+
+    def __len__(self):
+        return len(self.row_offsets) - 1
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `rows`: tokens, targets (next token), weights (float32), segment_ids, positions, each
+        [len(rows), seq_len]."""
+        out = {name: np.zeros((len(rows), self.seq_len), np.int32) for name in ROW_FIELDS}
+        out["weights"] = np.zeros((len(rows), self.seq_len), np.float32)
+        for r, row in enumerate(rows):
+            at = 0
+            for seg, i in enumerate(self.members[self.row_offsets[row]:self.row_offsets[row + 1]], start=1):
+                ids, w = self.data.sample(i)
+                n = len(ids)
+                out["tokens"][r, at:at + n] = ids
+                out["targets"][r, at:at + n - 1] = ids[1:]
+                out["weights"][r, at:at + n - 1] = w[1:]  # predicting token t+1 is supervised iff it is
+                out["segment_ids"][r, at:at + n] = seg
+                out["positions"][r, at:at + n] = np.arange(n)
+                at += n
+        return out
+
+    def digest(self) -> str:
+        """The rows' content in a sha256 (the samples' tokens and weights, read in blocks, and the plan)."""
+        h = hashlib.sha256(f"{self.seq_len}".encode())
+        data = self.data
+        if isinstance(data, Selection):
+            h.update(data.index.tobytes())
+            data = data.base
+        for array in (self.members, self.row_offsets, data.offsets, data.ids, data.weights):
+            for a in range(0, len(array), 1 << 24):
+                h.update(np.ascontiguousarray(array[a:a + (1 << 24)]).tobytes())
+        return h.hexdigest()[:16]
+
+
+class Dense:
+    """Rows already built ([rows, seq_len] arrays by field), behind the interface of `Packed`."""
+
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self.rows = rows
+        self.targets_per_row = rows["weights"].sum(axis=1)
+        self.tokens = int((rows["segment_ids"] > 0).sum()) if "segment_ids" in rows else rows["tokens"].size
+        self.seq_len = rows["tokens"].shape[1]
+
+    def __len__(self):
+        return len(self.rows["tokens"])
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[rows] for k, v in self.rows.items()}
+
+
+def as_rows(rows: Packed | Dense | dict) -> Packed | Dense:
+    return Dense(rows) if isinstance(rows, dict) else rows
+
+
 def pack(data: Tokenized, seq_len: int) -> dict[str, np.ndarray]:
-    """Rows of packed documents: tokens, targets (next token), weights (float32), segment_ids,
-    positions, each [rows, seq_len]."""
-    lengths = data.lengths
-    if len(lengths) and lengths.max() > seq_len:
-        raise ValueError(f"a sample of {lengths.max()} tokens exceeds seq_len={seq_len}; apply the overlong policy first")
-    bins = best_fit_decreasing(lengths, seq_len)
-    rows = {name: np.zeros((len(bins), seq_len), np.int32) for name in ROW_FIELDS}
-    rows["weights"] = np.zeros((len(bins), seq_len), np.float32)
-    for r, members in enumerate(bins):
-        at = 0
-        for seg, i in enumerate(members, start=1):
-            ids, w = data.sample(i)
-            n = len(ids)
-            rows["tokens"][r, at:at + n] = ids
-            rows["targets"][r, at:at + n - 1] = ids[1:]
-            rows["weights"][r, at:at + n - 1] = w[1:]  # predicting token t+1 is supervised iff it is
-            rows["segment_ids"][r, at:at + n] = seg
-            rows["positions"][r, at:at + n] = np.arange(n)
-            at += n
-    return rows
+    """All rows at once (small data, tests): tokens, targets, weights, segment_ids, positions."""
+    packed = Packed(data, seq_len)
+    return packed.take(np.arange(len(packed)))
 
 
-def efficiency(rows: dict[str, np.ndarray]) -> float:
+def efficiency(rows: Packed | Dense | dict) -> float:
     """Share of row slots holding real tokens (1.0 = no padding)."""
-    seg = rows["segment_ids"]
-    return float((seg > 0).sum() / max(seg.size, 1))
+    rows = as_rows(rows)
+    return rows.tokens / max(len(rows) * rows.seq_len, 1)

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from jaxtune.data import packing
-from jaxtune.data.formats import Tokenized
+from jaxtune.data.formats import Selection, Tokenized
 from jaxtune.errors import JaxtuneError
 
 
@@ -26,14 +26,15 @@ class DataReport:
     length_histogram: list[tuple[int, int, int]]  # (low, high, count)
 
     @classmethod
-    def build(cls, data: Tokenized, rows: dict[str, np.ndarray], seq_len: int) -> "DataReport":
-        lengths = data.lengths
+    def build(cls, data: Tokenized | Selection, rows: packing.Packed | dict[str, np.ndarray],
+              seq_len: int) -> "DataReport":
+        lengths, rows = data.lengths, packing.as_rows(rows)
         edges = np.unique(np.linspace(0, max(seq_len, int(lengths.max(initial=1))), 9).astype(int))
         counts, _ = np.histogram(lengths, bins=edges)
-        return cls(samples=len(data), tokens=int(lengths.sum()), supervised_tokens=int(rows["weights"].sum()),
+        return cls(samples=len(data), tokens=int(lengths.sum()), supervised_tokens=int(rows.targets_per_row.sum()),
                    truncated=data.truncated, dropped=data.dropped, split=data.split,
                    turn_ends_unlabelled=data.turn_ends_unlabelled, special_text_kept=data.special_text_kept,
-                   seq_len=seq_len, rows=len(rows["tokens"]),
+                   seq_len=seq_len, rows=len(rows),
                    packing_efficiency=packing.efficiency(rows),
                    length_histogram=[(int(lo), int(hi), int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts)])
 

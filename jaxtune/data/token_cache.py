@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -49,12 +50,16 @@ def _map(path: Path, dtype) -> np.ndarray:
 class Builder:
     """Appends tokenized chunks to `NAME.partial/` (continuing one an earlier run left), then `finish`es."""
 
-    def __init__(self, path: Path):
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
+    EMPTY = {"records": 0, "samples": 0, "tokens": 0, **dict.fromkeys(Tokenized.COUNTERS, 0)}
+
+    def __init__(self, path: Path, partial: str = ".partial"):
+        self.path, self.partial = path, path.with_name(path.name + partial)
         self.partial.mkdir(parents=True, exist_ok=True)
         ledger = self.partial / "ledger.json"
-        self.meta = json.loads(ledger.read_text()) if ledger.is_file() else {
-            "records": 0, "samples": 0, "tokens": 0, **dict.fromkeys(Tokenized.COUNTERS, 0)}
+        self.meta = json.loads(ledger.read_text()) if ledger.is_file() else dict(self.EMPTY)
+        self._open()
+
+    def _open(self):
         sizes = {"ids": self.meta["tokens"] * 4, "weights": self.meta["tokens"], "lengths": self.meta["samples"] * 8}
         self.files = {}
         for name in ARRAYS:
@@ -62,6 +67,13 @@ class Builder:
             f.truncate(sizes[name])  # what a crash wrote after the ledger's last update
             f.seek(sizes[name])
             self.files[name] = f
+
+    def restart(self) -> None:
+        """Drop what an earlier build wrote (the hosts of a pod disagree on where theirs stopped)."""
+        for f in self.files.values():
+            f.close()
+        self.meta = dict(self.EMPTY)
+        self._open()
 
     @property
     def records_done(self) -> int:
@@ -85,14 +97,19 @@ class Builder:
         """The cache complete: renamed to its final name, where `load` finds it."""
         for f in self.files.values():
             f.close()
-        os.replace(self.partial, self.path)  # under `building`'s lock: no other process builds it meanwhile
+        try:
+            os.replace(self.partial, self.path)
+        except OSError:  # the hosts of a pod that share a cache directory each build it: the first one stays
+            if not (self.path / "ledger.json").is_file():
+                raise
+            shutil.rmtree(self.partial)
 
 
 @contextlib.contextmanager
-def building(path: Path) -> Iterator[Builder | None]:
-    """A Builder for the cache at `path`, or None when it is complete (maybe by another process that held
-    the build lock while this one waited)."""
+def building(path: Path, partial: str = ".partial") -> Iterator[Builder | None]:
+    """A Builder for the cache at `path` (in `path` + `partial` until it is finished), or None when it is
+    complete (maybe by another process that held the build lock while this one waited)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    with open(path.with_name(path.name + partial + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per cache on this machine; the others wait, then load
-        yield None if (path / "ledger.json").is_file() else Builder(path)
+        yield None if (path / "ledger.json").is_file() else Builder(path, partial)

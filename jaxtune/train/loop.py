@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtune import attention, context, distributed, lora, sharding
 from jaxtune.atomic import write_text
 from jaxtune.config import flatten, split_list
-from jaxtune.data import loader
+from jaxtune.data import loader, packing
 from jaxtune.data.formats import FormatOptions
 from jaxtune.errors import JaxtuneError
 from jaxtune.estimate import check_fits, check_seq_len
@@ -253,7 +253,7 @@ def compile_steps(cfg, model: Model, opt: Optimizer) -> Steps:
     here, once (the loop's calls reuse it), and what the compiler says is printed beside the estimate."""
     shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
     steps = jit_steps(cfg, model.mesh, model.graphdef, opt.tx, shardings_of(model.trainable),
-                      shardings_of(model.frozen), shardings_of(opt.state), tuple(opt.batches.rows))
+                      shardings_of(model.frozen), shardings_of(opt.state), packing.ROW_FIELDS)
     steps.feed = opt.batches.feed  # this process's rows, as the loader gives them
     from jaxtune import aot
 
@@ -307,13 +307,14 @@ def evaluate(cfg, model: Model, data: Data, steps: Steps) -> float:
     return float(loss_sum / max(tokens, 1))
 
 
-def eval_batches(rows: dict, batch: int, max_batches: int):
+def eval_batches(rows: packing.Packed | dict, batch: int, max_batches: int):
     """Fixed-shape batches over every validation row; the last is padded with zero-weight rows."""
-    n = len(rows["tokens"])
+    rows = packing.as_rows(rows)
+    n = len(rows)
     starts = list(range(0, n, batch))[: max_batches or None]
     for s in starts:
         idx = np.arange(s, s + batch) % n
-        chunk = {k: v[idx] for k, v in rows.items()}
+        chunk = rows.take(idx)
         chunk["weights"] = np.where((np.arange(s, s + batch) < n)[:, None], chunk["weights"], 0).astype(np.float32)
         yield chunk
 

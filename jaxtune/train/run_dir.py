@@ -17,12 +17,16 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxtune.config import flatten
 from jaxtune.errors import JaxtuneError
 from jaxtune.paths import is_remote, run_path
+
+if TYPE_CHECKING:
+    from jaxtune.data import packing
 
 # Checkpoints cannot continue under another value of these: the trained arrays or the data stream differ.
 FIXED_KEYS = ("method", "seed", "model.param_dtype", "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
@@ -108,8 +112,10 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def data_fingerprint(rows: dict[str, np.ndarray]) -> str:
+def data_fingerprint(rows: packing.Packed | dict[str, np.ndarray]) -> str:
     """The packed training rows themselves: any change of data, tokenizer or packing shows."""
+    if not isinstance(rows, dict):
+        return rows.digest()
     h = hashlib.sha256()
     for name in sorted(rows):
         h.update(name.encode())
@@ -117,7 +123,7 @@ def data_fingerprint(rows: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def identity(model_dir: Path, rows: dict[str, np.ndarray]) -> dict:
+def identity(model_dir: Path, rows: packing.Packed | dict[str, np.ndarray]) -> dict:
     return {"model": model_fingerprint(model_dir), "data": data_fingerprint(rows)}
 
 
