@@ -1,5 +1,6 @@
 """One of two processes acting as the hosts of a pod (run by test_multihost.py): the data tokenized across
-both, each into its own cache directory, then the first global batches."""
+both, each into its own cache directory, then the first global batches; then data with a bad record in the
+other host's chunk."""
 import hashlib
 import json
 import sys
@@ -11,6 +12,7 @@ process_id, port, data, cache = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 
+from jaxtune import JaxtuneError  # noqa: E402
 from jaxtune.data import loader  # noqa: E402
 from jaxtune.data.formats import Formatter, FormatOptions  # noqa: E402
 
@@ -24,6 +26,11 @@ digests = []
 for step in range(3):
     rows = packed.train.take(batches.order(0)[step * 4:(step + 1) * 4])
     digests.append(hashlib.sha256(b"".join(rows[k].tobytes() for k in sorted(rows))).hexdigest())
-print(json.dumps({"process": jax.process_index(), "records_tokenized": sum(tokenized), "batches": digests,
+try:
+    loader.tokenize_sources([sys.argv[6]], model, opts, cache_dir=cache, chunk_records=7, workers=1, progress=False)
+    error = None
+except JaxtuneError as e:
+    error = str(e)
+print(json.dumps({"process": jax.process_index(), "records_tokenized": sum(tokenized), "batches": digests, "error": error,
                   "cache": hashlib.sha256(np.asarray(built.ids).tobytes() + np.asarray(built.weights).tobytes()
                                           + built.offsets.tobytes()).hexdigest(), "counters": built.counters()}))

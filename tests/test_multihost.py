@@ -44,16 +44,22 @@ def test_two_hosts_tokenize_half_each_and_read_the_batches_of_one(smollm2_dir, c
     env = without_compilation_cache({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                                      "JAX_PLATFORMS": "cpu"})
     worker = Path(__file__).with_name("multihost_data_worker.py")
+    lines = Path(src).read_text().splitlines(keepends=True)[:20]
+    bad = tmp_path / "bad.jsonl"  # line 10 is in chunk 1 (records 8-14): host 1 tokenizes it, host 0 skips it
+    bad.write_text("".join(lines[:9]) + '{"messages": [{"role": "user", "content": null}]}\n' + "".join(lines[10:]))
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, src, str(tmp_path / f"host{i}"),
-                               str(smollm2_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+                               str(smollm2_dir), str(bad)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-2000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
     a, b = sorted(outs, key=lambda o: o["process"])
-    assert (a["records_tokenized"], b["records_tokenized"]) == (7 * 7 + 2, 7 * 7)  # chunks 0, 2, .., 14 and 1, .., 13
+    assert (a["records_tokenized"] - 7, b["records_tokenized"] - 7) == (7 * 7 + 2, 7 * 7)  # chunks 0, 2, .., 14 and
+    # 1, .., 13 of the good data, then chunk 0 / 1 of the bad: host 1 meets the bad record, and both stop on it
+    assert b["error"] == f"{bad}:10: messages[0].content is null, expected a string; fix or remove that record"
+    assert a["error"] == f"host 1: {b['error']}"
     opts = FormatOptions("chat", seq_len=256, overlong="split")
     one = loader.tokenize_sources([src], str(smollm2_dir), opts, cache_dir=tmp_path / "one", progress=False)
     assert a["cache"] == b["cache"] == hashlib.sha256(np.asarray(one.ids).tobytes() + np.asarray(one.weights).tobytes()

@@ -15,10 +15,12 @@ import itertools
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
 from jaxtune.data import token_cache
 from jaxtune.data.formats import Tokenized
+from jaxtune.errors import JaxtuneError
 
 HEAD = ("chunk", "records", "samples", "tokens", *Tokenized.COUNTERS)  # what a host says of its chunk in a round
 
@@ -40,8 +42,6 @@ def build(path: Path, located: Callable[[int], Iterator], tokenize: Callable, ch
     """The cache at `path` on this host, tokenized by all hosts. `located(skip)` is the (where, record)
     stream past `skip` records; `tokenize(chunks)` yields (chunk, Tokenized) in order; `progress(done)`
     opens the bar."""
-    import jax
-
     me, hosts = jax.process_index(), jax.process_count()
     # Hosts that share a cache directory each build in their own partial directory (the first finished stays).
     with token_cache.building(path, partial=f".partial{me}") as builder:
@@ -56,7 +56,7 @@ def build(path: Path, located: Callable[[int], Iterator], tokenize: Callable, ch
         chunks = iter(lambda: list(itertools.islice(stream, chunk_records)), [])
         mine = iter(tokenize(chunk for c, chunk in enumerate(chunks) if c % hosts == me))
         with progress(skip) as bar:
-            while (joined := _round(next(mine, None))) is not None:
+            while (joined := _round(_next(mine))) is not None:
                 tokenized, records = joined
                 if builder:
                     builder.append(tokenized, records)
@@ -65,11 +65,24 @@ def build(path: Path, located: Callable[[int], Iterator], tokenize: Callable, ch
             builder.finish()
 
 
-def _round(result: tuple[list, Tokenized] | None) -> tuple[Tokenized, int] | None:
-    """Every host's chunk of this round, in host order, as one (Tokenized, records); None once no host has one."""
+def _next(mine: Iterator) -> tuple[list, Tokenized] | JaxtuneError | None:
+    """This host's next chunk, tokenized; None when it has no more; the error of bad data in it (which the
+    other hosts must hear of, or they would wait for this one in the next gather)."""
+    try:
+        return next(mine, None)
+    except JaxtuneError as e:
+        return e
+
+
+def _round(result: tuple[list, Tokenized] | JaxtuneError | None) -> tuple[Tokenized, int] | None:
+    """Every host's chunk of this round, in host order, as one (Tokenized, records); None once no host has one.
+    A host's data error is raised on every host."""
     head = np.zeros(len(HEAD), np.int64)
     payload = np.zeros(0, np.int32)
-    if result is not None:
+    if isinstance(result, JaxtuneError):
+        payload = np.frombuffer(str(result).encode(), np.uint8).astype(np.int32)
+        head[[0, 3]] = -1, len(payload)
+    elif result is not None:
         chunk, tokenized = result
         head[:] = [1, len(chunk), len(tokenized), len(tokenized.ids), *tokenized.counters().values()]
         # ids and weights as one int32 per token (id * 2 + weight): vocabularies stay far below 2**30
@@ -80,6 +93,10 @@ def _round(result: tuple[list, Tokenized] | None) -> tuple[Tokenized, int] | Non
     padded = np.zeros(_bucket(int((heads[:, 2] + heads[:, 3]).max())), np.int32)
     padded[:len(payload)] = payload
     payloads = _gather(padded)
+    for host, ((state, _, _, size, *_), values) in enumerate(zip(heads, payloads)):
+        if state < 0:
+            message = values[:size].astype(np.uint8).tobytes().decode(errors="replace")
+            raise JaxtuneError(message if host == jax.process_index() else f"host {host}: {message}")
     lengths, tokens = [], []
     for (_, _, samples, n_tokens, *_), values in zip(heads, payloads):
         lengths.append(values[:samples])
