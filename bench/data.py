@@ -65,8 +65,9 @@ def measured(command: list[str], env: dict) -> dict:
     """Wall seconds and peak RSS (bytes) of the process tree and of its main process; its stdout."""
     import psutil
 
+    out_file, err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # a pipe would fill and block it
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=out_file, stderr=err_file, text=True)
     main = psutil.Process(proc.pid)
     tree_peak = main_peak = 0
     while proc.poll() is None:
@@ -78,10 +79,11 @@ def measured(command: list[str], env: dict) -> dict:
         if rss:
             tree_peak, main_peak = max(tree_peak, sum(rss)), max(main_peak, rss[0])
         time.sleep(0.1)
-    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    out, err = (f.seek(0) or f.read() for f in (out_file, err_file))
     if proc.returncode:
         raise SystemExit(f"{command[:4]} failed:\n{err[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - start, 1), "tree_peak_gb": round(tree_peak / 1e9, 2),
+    return {"wall_s": round(wall, 1), "tree_peak_gb": round(tree_peak / 1e9, 2),
             "main_peak_gb": round(main_peak / 1e9, 2), "stdout": out}
 
 
