@@ -116,10 +116,12 @@ def one_pair(tmp: Path, data: Path, model: str, args) -> list[tuple[str, dict]]:
     ours = measured([sys.executable, "-m", "jaxtune.cli", "preflight", str(data), "--model", model,
                      "--seq-len", str(args.seq_len), "--show", "0"], env)
     ours["tokens"] = int(re.search(r"tokens ([\d,]+)", ours.pop("stdout")).group(1).replace(",", ""))
-    theirs = measured([sys.executable, "-c", REFERENCE, str(data), model, str(args.num_proc), str(tmp / "hf-cache")],
-                      env)
-    theirs["tokens"] = int(theirs.pop("stdout").split()[-1])
-    sides = [("jaxtune preflight", ours), (f"datasets map, num_proc={args.num_proc}", theirs)]
+    sides = [("jaxtune preflight", ours)]
+    if not args.no_reference:
+        theirs = measured([sys.executable, "-c", REFERENCE, str(data), model, str(args.num_proc),
+                           str(tmp / "hf-cache")], env)
+        theirs["tokens"] = int(theirs.pop("stdout").split()[-1])
+        sides.append((f"datasets map, num_proc={args.num_proc}", theirs))
     if args.train:
         trained = measured([sys.executable, "-m", "jaxtune.cli", "train", "configs/quickstart.py",
                             *train_overrides(tmp, data, args.seq_len)], env)
@@ -220,6 +222,7 @@ def main():
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--num-proc", type=int, default=2, help="the reference's worker processes")
+    parser.add_argument("--no-reference", action="store_true", help="jaxtune's side alone")
     parser.add_argument("--repeat", type=int, default=1, help="pairs of runs, in turn: medians")
     parser.add_argument("--train", action="store_true", help="then 2 training steps of a tiny model from the cache")
     parser.add_argument("--chitchat", action="store_true", help="the whole chitchat set instead (one JSON line)")

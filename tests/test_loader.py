@@ -315,3 +315,20 @@ def test_validation_that_repeats_training_samples_is_named(tmp_path, tiny_dir, c
     out = capsys.readouterr().out
     n = int(re.search(r"warning: (\d+) of (\d+) validation", out).group(1))
     assert f"warning: {n} of {n} validation samples" in out  # the training file itself: every sample
+
+
+def test_the_run_identity_of_packed_data_follows_the_data_the_split_and_the_packing(tmp_path, smollm2_dir):
+    """A resumed run is refused when its packed rows differ: the fingerprint of a plan over the cache (by its
+    key, not by reading every token) changes with the records, the held-out split and seq_len, not on reload."""
+    from jaxtune.train.run_dir import data_fingerprint
+
+    def fingerprint(src, seed=0, seq_len=64):
+        packed = loader.build([str(src)], str(smollm2_dir), FormatOptions("completion", seq_len=seq_len),
+                              val_fraction=0.1, seed=seed, cache_dir=tmp_path / "c", progress=False)
+        assert packed.train.data.base.key is not None
+        return data_fingerprint(packed.train)
+
+    src, fewer = write_jsonl(tmp_path / "a.jsonl", RECORDS), write_jsonl(tmp_path / "b.jsonl", RECORDS[:-1])
+    first = fingerprint(src)
+    assert fingerprint(src) == first
+    assert len({first, fingerprint(fewer), fingerprint(src, seed=1), fingerprint(src, seq_len=32)}) == 4

@@ -67,6 +67,7 @@ class Tokenized:
     dropped: int = 0
     split: int = 0
     special_text_kept: int = 0  # special-token texts inside message content, encoded as plain text
+    key: str | None = None  # the token cache's key (data, tokenizer, options) where it was loaded from one
 
     COUNTERS = ("turn_ends_unlabelled", "truncated", "dropped", "split", "special_text_kept")
 

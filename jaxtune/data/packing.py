@@ -77,13 +77,20 @@ class Packed:
         return out
 
     def digest(self) -> str:
-        """The rows' content in a sha256 (the samples' tokens and weights, read in blocks, and the plan)."""
+        """The rows' content in a sha256: the plan, and the samples' tokens and weights — by the token cache's
+        key where they come from one (it is the content's: data, tokenizer, options), so that a run does not
+        read the whole cache (its pages would count in the run's memory), else read in blocks."""
         h = hashlib.sha256(f"{self.seq_len}".encode())
         data = self.data
         if isinstance(data, Selection):
             h.update(data.index.tobytes())
             data = data.base
-        for array in (self.members, self.row_offsets, data.offsets, data.ids, data.weights):
+        arrays = [self.members, self.row_offsets, data.offsets]
+        if data.key is None:
+            arrays += [data.ids, data.weights]
+        else:
+            h.update(data.key.encode())
+        for array in arrays:
             for a in range(0, len(array), 1 << 24):
                 h.update(np.ascontiguousarray(array[a:a + (1 << 24)]).tobytes())
         return h.hexdigest()[:16]

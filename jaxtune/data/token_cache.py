@@ -38,7 +38,7 @@ def load(path: Path) -> Tokenized | None:
     ids, weights, lengths = (_map(path / name, dtype) for name, dtype in ARRAYS.items())
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return Tokenized(ids, weights, offsets, **{name: meta[name] for name in Tokenized.COUNTERS})
+    return Tokenized(ids, weights, offsets, **{name: meta[name] for name in Tokenized.COUNTERS}, key=path.name)
 
 
 def _map(path: Path, dtype) -> np.ndarray:
