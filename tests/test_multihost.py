@@ -9,19 +9,24 @@ from pathlib import Path
 from conftest import free_port, without_compilation_cache
 
 
-def test_two_hosts_feed_one_global_batch():
+def two_workers(worker: str, devices: int, args) -> list[dict]:
+    """`worker` (a script beside this file) as processes 0 and 1 of one jax.distributed job, each with
+    `devices` CPU devices and argv `i PORT *args(i)`: the JSON each prints last, process 0 first."""
     port = str(free_port())
-    env = without_compilation_cache({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = without_compilation_cache({**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                                      "JAX_PLATFORMS": "cpu"})
-    worker = Path(__file__).with_name("multihost_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name(worker)), str(i), port, *args(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-2000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    a, b = sorted(outs, key=lambda o: o["process"])
+    return sorted(outs, key=lambda o: o["process"])
+
+
+def test_two_hosts_feed_one_global_batch():
+    a, b = two_workers("multihost_worker.py", 2, lambda i: [])
     assert a["devices"] == b["devices"] == 4 and a["global_shape"] == [8, 4]
     assert len(a["local_rows"]) == len(b["local_rows"]) == 4
     assert set(a["local_rows"]).isdisjoint(b["local_rows"])
@@ -40,22 +45,11 @@ def test_two_hosts_tokenize_half_each_and_read_the_batches_of_one(smollm2_dir, c
     from jaxtune.data.formats import FormatOptions
 
     src = str(chat_data / "train.jsonl")
-    port = str(free_port())
-    env = without_compilation_cache({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                                     "JAX_PLATFORMS": "cpu"})
-    worker = Path(__file__).with_name("multihost_data_worker.py")
     lines = Path(src).read_text().splitlines(keepends=True)[:20]
     bad = tmp_path / "bad.jsonl"  # line 10 is in chunk 1 (records 8-14): host 1 tokenizes it, host 0 skips it
     bad.write_text("".join(lines[:9]) + '{"messages": [{"role": "user", "content": null}]}\n' + "".join(lines[10:]))
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, src, str(tmp_path / f"host{i}"),
-                               str(smollm2_dir), str(bad)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-2000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
-    a, b = sorted(outs, key=lambda o: o["process"])
+    a, b = two_workers("multihost_data_worker.py", 1,
+                       lambda i: [src, str(tmp_path / f"host{i}"), str(smollm2_dir), str(bad)])
     assert (a["records_tokenized"] - 7, b["records_tokenized"] - 7) == (7 * 7 + 2, 7 * 7)  # chunks 0, 2, .., 14 and
     # 1, .., 13 of the good data, then chunk 0 / 1 of the bad: host 1 meets the bad record, and both stop on it
     assert b["error"] == f"{bad}:10: messages[0].content is null, expected a string; fix or remove that record"
