@@ -111,7 +111,8 @@ def tokenize_sources(sources: list[str], tokenizer_dir: str, opts: FormatOptions
     interrupted continues where it stopped. Each chunk's chat templates are rendered once per conversation
     and its texts encoded by one batch call into the Rust tokenizer; past the first chunk, `workers`
     processes (default: one per two cores; on 2 cores this process alone was fastest) tokenize the chunks
-    (jaxtune.data.tokenize_worker)."""
+    (jaxtune.data.tokenize_worker). In a job of several processes (the hosts of a pod) each tokenizes 1/N of
+    the chunks and all join them into the same cache (jaxtune.data.pod)."""
     path = Path(cache_dir or default_cache_dir() / "tokenized") / _fingerprint(sources, tokenizer_dir, opts)
 
     def located(skip: int) -> Iterator[tuple[str, dict]]:
