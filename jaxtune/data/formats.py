@@ -374,6 +374,8 @@ class Formatter:
         completion = self.opts.format == "completion"
         if self._special_text is not None:
             self._pieces_encode_exactly  # noqa: B018 -- asked of the tokenizer now: not while the thread encodes
+        if getattr(self.tok, "backend_tokenizer", None) is not None:  # set here, before the thread encodes:
+            self.tok.backend_tokenizer.encode_special_tokens = False  # special-token text is the token
         samples, turns, deferred, pending = [], [], [], None
         for a in range(0, len(records) + self.PART, self.PART):
             rendered = None
@@ -405,11 +407,11 @@ class Formatter:
     def _label(self, rendered: list, encoding, samples: list, turns: list, deferred: list) -> None:
         """Each record's (ids, weights) appended to `samples`, its assistant turns to `turns`; a record with
         special-token text in its messages goes to `deferred` (its place in `samples`, text, spans, ranges)."""
-        ids, located = encoding.result()
-        if located is None:
-            located = (self._starts_by_bytes(ids, [text for text, _, _ in rendered]) if self._locate
-                       else [None] * len(ids))
-        for ids, located, (text, span, literal) in zip(ids, located, rendered):
+        part_ids, part_located = encoding.result()
+        if part_located is None:
+            part_located = (self._starts_by_bytes(part_ids, [text for text, _, _ in rendered]) if self._locate
+                            else [None] * len(part_ids))
+        for ids, located, (text, span, literal) in zip(part_ids, part_located, rendered):
             if literal:
                 deferred.append((len(samples), text, span, literal))
             samples.append(self._labelled(ids, located, text, span) if not literal else None)
@@ -432,15 +434,14 @@ class Formatter:
         return ids, weights
 
     def _encode(self, texts: list[str], add_special_tokens: bool, locate: bool = True) -> tuple[list, list]:
-        """Token ids of each text, and (`locate`) where its tokens start: a Rust Encoding to ask, character
-        offsets, or an array of character starts. One parallel batch call into the Rust tokenizer; for a
-        byte-level BPE tokenizer without offsets (a third less time), the starts then summed from the bytes
-        each token stands for (`_token_bytes`)."""
+        """Token ids of each text, and (`locate`) where its tokens start: the Rust Encodings to ask, character
+        offsets, or None — a byte-level BPE tokenizer encodes without offsets (a third less time) and the
+        starts are summed from the bytes each token stands for (`_starts_by_bytes`). One parallel batch call
+        into the Rust tokenizer; run in the encoding thread, so it changes no tokenizer setting."""
         backend = getattr(self.tok, "backend_tokenizer", None)
         if backend is None:  # a slow (Python) tokenizer
             enc = self.tok(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
             return enc["input_ids"], enc["offset_mapping"]
-        backend.encode_special_tokens = False  # special-token text is the token (transformers leaves this set)
         if locate and self._token_bytes is None:
             encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
             return [e.ids for e in encodings], encodings
